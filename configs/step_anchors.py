@@ -1,0 +1,9 @@
+"""Step decay with warm restarts and an anchor at each restart."""
+
+from configs import step
+
+
+def get_config():
+    config = step.get_config()
+    config.distance.anchor_epochs = (150, 300, 450)
+    return config

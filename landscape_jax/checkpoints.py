@@ -1,0 +1,152 @@
+"""Orbax checkpoints of a run: the training state and the ensemble snapshots.
+
+A run directory holds
+
+    WORKDIR/checkpoints/<epoch>/   the latest training states (a bounded number),
+                                   from which a rerun resumes;
+    WORKDIR/snapshots/<epoch>/     ensemble snapshots, never deleted: ``model``
+                                   (``params`` and ``batch_stats``) and ``meta``
+                                   (epoch, model name, classes, image shape).
+
+Both are plain orbax `CheckpointManager` directories, so a snapshot can be read
+with orbax alone; `load_snapshot` does that for this project's models.
+"""
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+PyTree = Any
+
+CHECKPOINTS_DIR = 'checkpoints'
+SNAPSHOTS_DIR = 'snapshots'
+CONFIG_FILE = 'config.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One restored ensemble member.
+
+    Attributes:
+      epoch: the number of epochs trained when it was taken.
+      variables: ``{'params': ..., 'batch_stats': ...}`` for ``model.apply``.
+      meta: the model name, number of classes, image shape and dtype it was
+        trained with.
+    """
+
+    epoch: int
+    variables: PyTree
+    meta: dict[str, Any]
+
+
+class RunCheckpointer:
+    """Saves and restores the training state and snapshots of one run directory.
+
+    Args:
+      workdir: the run directory; created if missing.
+      config: the run's configuration, written to ``workdir/config.json``.
+      model_meta: what a reader needs to rebuild the model of a snapshot
+        (``model``, ``dtype``, ``num_classes``, ``image_shape``); stored with each.
+      max_to_keep: how many training states to keep (snapshots are all kept).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        config: ml_collections.ConfigDict,
+        model_meta: dict[str, Any],
+        max_to_keep: int = 2,
+    ):
+        self.workdir = epath.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._model_meta = dict(model_meta)
+        (self.workdir / CONFIG_FILE).write_text(config.to_json(indent=2))
+        self._states = ocp.CheckpointManager(
+            self.workdir / CHECKPOINTS_DIR,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+        self._snapshots = ocp.CheckpointManager(
+            self.workdir / SNAPSHOTS_DIR,
+            options=ocp.CheckpointManagerOptions(create=True),
+        )
+
+    def save_state(self, epoch: int, state: PyTree) -> None:
+        """Saves the training state reached at the end of ``epoch``."""
+        self._states.save(epoch, args=ocp.args.StandardSave(state))
+
+    def restore_state(self, state: PyTree) -> tuple[PyTree, int]:
+        """Restores the latest saved training state, if there is one.
+
+        Args:
+          state: a freshly initialized state; gives structure, shapes and dtypes.
+
+        Returns:
+          ``(state, epoch)``: the restored state and the epoch it ends, or the
+          given state and 0 when the run directory holds no training state.
+        """
+        epoch = self._states.latest_step()
+        if epoch is None:
+            return state, 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = self._states.restore(epoch, args=ocp.args.StandardRestore(abstract))
+        return restored, int(epoch)
+
+    def save_snapshot(self, epoch: int, state: PyTree) -> None:
+        """Saves the model of ``state`` as the ensemble snapshot of ``epoch``."""
+        meta = dict(self._model_meta, epoch=int(epoch))
+        variables = {'params': state.params, 'batch_stats': state.batch_stats}
+        self._snapshots.save(
+            epoch,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+        logging.info('Saved snapshot of epoch %d.', epoch)
+
+    def close(self) -> None:
+        """Waits for pending writes and releases the managers."""
+        for manager in (self._states, self._snapshots):
+            manager.wait_until_finished()
+            manager.close()
+
+
+def snapshot_epochs(workdir: str) -> list[int]:
+    """The epochs of the snapshots saved in ``workdir``, oldest first."""
+    directory = epath.Path(workdir) / SNAPSHOTS_DIR
+    if not directory.exists():
+        return []
+    with ocp.CheckpointManager(directory) as manager:
+        return sorted(manager.all_steps())
+
+
+def load_snapshot(workdir: str, epoch: int) -> Snapshot:
+    """Restores one snapshot of a run directory with orbax.
+
+    Args:
+      workdir: the run directory.
+      epoch: which snapshot (see `snapshot_epochs`).
+
+    Returns:
+      The restored `Snapshot`.
+    """
+    directory = epath.Path(workdir) / SNAPSHOTS_DIR
+    with ocp.CheckpointManager(directory) as manager:
+        restored = manager.restore(
+            epoch,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+            ),
+        )
+    return Snapshot(epoch=int(epoch), variables=restored.model, meta=restored.meta)
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+    """The configuration a run directory was made with, or None."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,424 @@
+"""Training with anchor-distance penalties: the pure step functions and the loop.
+
+The pure functions (`create_train_state`, `train_step`, `eval_step`) are what a
+notebook composes; `train_and_evaluate` is the whole run behind the main command.
+The run keeps both data splits on the device, runs each step as one compiled call
+that gathers, augments and normalizes its batch, and accumulates the step metrics on
+the device, so that the host waits for the device once per epoch.
+"""
+
+import collections
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax import linen as nn
+from flax import struct
+from flax.training import train_state
+from tqdm import auto as tqdm
+
+from landscape_jax import (
+    checkpoints,
+    data,
+    distance,
+    metric_writers,
+    models,
+    optim,
+    schedules,
+)
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+# How many steps the host may dispatch ahead of the device. Enough to keep the
+# device busy; few enough that the progress bar shows finished steps.
+_STEPS_AHEAD = 4
+
+
+class TrainState(train_state.TrainState):
+    """Parameters, optimizer state, batch statistics and the anchor buffer.
+
+    Attributes:
+      batch_stats: BatchNorm running statistics (not trainable, not penalized).
+      anchors: stored anchors, leaves shaped like ``params`` with a leading slot
+        axis K (see `landscape_jax.distance`).
+      anchor_mask: bool[K], the slots that hold an anchor.
+      rng: the run's PRNG key; each step folds in its step number.
+    """
+
+    batch_stats: PyTree
+    anchors: PyTree
+    anchor_mask: jax.Array
+    rng: jax.Array
+
+
+@struct.dataclass
+class PenaltyConfig:
+    """The coefficients of the objective beyond cross-entropy.
+
+    A pytree of scalars: passed to a jitted step they are traced, so one
+    compilation serves every value (and a sweep can vmap over them).
+
+    Attributes:
+      strength: s, the height of each anchor's Gaussian bump.
+      width: σ², its squared width.
+      weight_decay: the coupled L2 coefficient the optimizer applies; the step
+        only reports the matching loss term ``weight_decay / 2 · ‖θ‖²``.
+    """
+
+    strength: float
+    width: float
+    weight_decay: float
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    optimizer: optax.GradientTransformation,
+    num_anchor_slots: int,
+) -> TrainState:
+    """Initializes a model, its optimizer state and an empty anchor buffer.
+
+    Args:
+      rng: PRNG key; split into initialization and training keys.
+      model: a flax module called as ``model.apply(variables, x, train=...)``.
+      image_shape: (H, W, C) of one input image.
+      optimizer: the optax transformation to train with.
+      num_anchor_slots: how many anchors the run may store.
+
+    Returns:
+      The initial `TrainState` at step 0.
+    """
+    init_rng, train_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1, *image_shape)), train=False)
+    params = variables['params']
+    anchors, anchor_mask = distance.empty_anchors(params, num_anchor_slots)
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=optimizer,
+        batch_stats=variables.get('batch_stats', {}),
+        anchors=anchors,
+        anchor_mask=anchor_mask,
+        rng=train_rng,
+    )
+    # An array from the start (not the Python int 0), so that the first step
+    # and every later one share one compilation.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], penalty_config: PenaltyConfig
+) -> tuple[TrainState, Metrics]:
+    """One SGD step on cross-entropy plus the anchor penalty.
+
+    Args:
+      state: the current training state.
+      batch: ``image`` f32[B, H, W, C] (augmented and normalized) and ``label``
+        int32[B].
+      penalty_config: strength, width and weight decay of the run.
+
+    Returns:
+      The new state and this step's metrics: ``train_loss`` (cross-entropy),
+      ``penalty``, ``l2``, ``objective`` (their sum), ``train_accuracy`` and
+      ``grad_norm``.
+    """
+
+    def loss_fn(params):
+        variables = {'params': params, 'batch_stats': state.batch_stats}
+        logits, updates = state.apply_fn(
+            variables, batch['image'], train=True, mutable=['batch_stats']
+        )
+        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch['label']
+        ).mean()
+        anchor_penalty = distance.penalty(
+            params,
+            state.anchors,
+            strength=penalty_config.strength,
+            width=penalty_config.width,
+            mask=state.anchor_mask,
+        )
+        return cross_entropy + anchor_penalty, (
+            cross_entropy,
+            anchor_penalty,
+            logits,
+            updates['batch_stats'],
+        )
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (cross_entropy, anchor_penalty, logits, batch_stats)), grads = grad_fn(
+        state.params
+    )
+    l2 = 0.5 * penalty_config.weight_decay * optax.tree.norm(state.params, squared=True)
+    metrics = {
+        'train_loss': cross_entropy,
+        'penalty': anchor_penalty,
+        'l2': l2,
+        'objective': cross_entropy + anchor_penalty + l2,
+        'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+        'grad_norm': optax.tree.norm(grads),
+    }
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
+    """Sums of loss and correct predictions over the real examples of a batch.
+
+    Args:
+      state: the training state to evaluate.
+      batch: ``image`` f32[B, H, W, C] (normalized), ``label`` int32[B] and
+        ``mask`` bool[B], False on padding.
+
+    Returns:
+      ``loss_sum``, ``correct`` and ``count`` over the examples where mask holds.
+    """
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    logits = state.apply_fn(variables, batch['image'], train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    correct = jnp.argmax(logits, -1) == batch['label']
+    mask = batch['mask']
+    return {
+        'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
+        'correct': jnp.sum(correct & mask),
+        'count': jnp.sum(mask),
+    }
+
+
+def store_anchor(state: TrainState) -> TrainState:
+    """Stores the current parameters as a new anchor."""
+    anchors, anchor_mask = distance.add_anchor(
+        state.anchors, state.anchor_mask, state.params
+    )
+    return state.replace(anchors=anchors, anchor_mask=anchor_mask)
+
+
+def anchor_distances(state: TrainState) -> jax.Array:
+    """f32[K]: the L2 distance ‖θ − θ_k‖ to every anchor slot."""
+    return jnp.sqrt(distance.squared_distances(state.params, state.anchors))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains and evaluates a model as ``config`` describes, writing to ``workdir``.
+
+    Per epoch, one line is appended to ``workdir/metrics.jsonl`` and the same
+    numbers go to TensorBoard events in ``workdir``. At the end of each epoch in
+    ``config.distance.anchor_epochs`` a snapshot of the model is saved and then the
+    parameters are stored as an anchor; with a cosine schedule a snapshot is also
+    saved at the end of each cycle. Snapshots (kept for good) go to
+    ``workdir/snapshots/``, the latest training state to ``workdir/checkpoints/``,
+    from which a rerun of the same command resumes.
+
+    Args:
+      config: the run's configuration (see ``configs/default.py``).
+      workdir: the run directory; created if missing.
+
+    Returns:
+      The final training state.
+    """
+    run = _setup(config, workdir)
+    state = run.state
+    start_epoch = run.start_epoch
+    if start_epoch:
+        logging.info('Resuming after epoch %d from %s.', start_epoch, workdir)
+
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+        state, epoch_metrics = _run_epoch(run, state, epoch)
+        if not metric_writers.is_finite(epoch_metrics):
+            run.checkpointer.close()
+            raise FloatingPointError(
+                f'Training diverged in epoch {epoch}: {epoch_metrics}. The state '
+                f'saved after epoch {epoch - 1} and all snapshots are kept in '
+                f'{workdir}.'
+            )
+        if epoch in run.snapshot_epochs:
+            run.checkpointer.save_snapshot(epoch, state)
+        if epoch in run.anchor_epochs:
+            state = run.store_anchor(state)
+        epoch_metrics.update(_anchor_metrics(state))
+        run.writer.write(epoch, epoch_metrics)
+        run.checkpointer.save_state(epoch, state)
+
+    run.checkpointer.close()
+    run.writer.close()
+    return state
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything a run sets up once before its first epoch."""
+
+    config: ml_collections.ConfigDict
+    datasets: data.Datasets
+    state: TrainState
+    start_epoch: int
+    steps_per_epoch: int
+    schedule: optax.Schedule
+    anchor_epochs: frozenset[int]
+    snapshot_epochs: frozenset[int]
+    penalty_config: PenaltyConfig
+    train_step: Any
+    eval_batch: Any
+    store_anchor: Any
+    checkpointer: checkpoints.RunCheckpointer
+    writer: metric_writers.MetricWriter
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+    """Loads data, builds the model, optimizer and state, and restores a resume."""
+    anchor_epochs = tuple(int(epoch) for epoch in config.distance.anchor_epochs)
+    datasets = data.load_datasets(config.data)
+    steps_per_epoch = datasets.train.num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f'batch_size={config.batch_size} is larger than the '
+            f'{datasets.train.num_examples} training examples; '
+            'it must be at most the size of data.train_split.'
+        )
+
+    image_shape = tuple(datasets.train.images.shape[1:])
+    model = models.create_model(
+        config.model.name,
+        datasets.train.num_classes,
+        dtype=jnp.dtype(config.model.dtype),
+    )
+    schedule = schedules.create_schedule(config, steps_per_epoch)
+    optimizer = optim.create_optimizer(config, steps_per_epoch)
+    state = create_train_state(
+        jax.random.PRNGKey(config.seed),
+        model,
+        image_shape,
+        optimizer,
+        num_anchor_slots=len(anchor_epochs),
+    )
+    model_meta = {
+        'model': config.model.name,
+        'dtype': config.model.dtype,
+        'num_classes': datasets.train.num_classes,
+        'image_shape': list(image_shape),
+    }
+    checkpointer = checkpoints.RunCheckpointer(
+        workdir, config, model_meta, max_to_keep=config.checkpoints_to_keep
+    )
+    state, start_epoch = checkpointer.restore_state(state)
+    writer = metric_writers.MetricWriter(workdir, resume_after_epoch=start_epoch)
+
+    snapshot_epochs = set(anchor_epochs)
+    snapshot_epochs.update(schedules.cycle_end_epochs(config, config.num_epochs))
+    penalty_config = PenaltyConfig(
+        strength=float(config.distance.strength),
+        width=float(config.distance.width),
+        weight_decay=float(config.optimizer.weight_decay),
+    )
+    return _Run(
+        config=config,
+        datasets=datasets,
+        state=state,
+        start_epoch=start_epoch,
+        steps_per_epoch=steps_per_epoch,
+        schedule=schedule,
+        anchor_epochs=frozenset(anchor_epochs),
+        snapshot_epochs=frozenset(snapshot_epochs),
+        penalty_config=penalty_config,
+        train_step=_compile_train_step(steps_per_epoch),
+        eval_batch=jax.jit(_eval_batch),
+        store_anchor=jax.jit(store_anchor, donate_argnums=0),
+        checkpointer=checkpointer,
+        writer=writer,
+    )
+
+
+def _compile_train_step(steps_per_epoch: int):
+    """One compiled call per step: gather, augment, normalize, update, accumulate."""
+
+    def step(state, totals, train_data, order, mean, std, penalty_config):
+        rng = jax.random.fold_in(state.rng, state.step)
+        indices = order[state.step % steps_per_epoch]
+        batch = data.take_batch(train_data, indices)
+        batch['image'] = data.normalize(data.augment(rng, batch['image']), mean, std)
+        state, metrics = train_step(state, batch, penalty_config)
+        totals = jax.tree.map(jnp.add, totals, metrics)
+        # A small output that is not donated: the host waits on it to pace the
+        # progress bar without draining the device's queue.
+        return state, totals, state.step
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _eval_batch(state, totals, batch, mean, std):
+    batch = dict(batch, image=data.normalize(batch['image'], mean, std))
+    return jax.tree.map(jnp.add, totals, eval_step(state, batch))
+
+
+def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
+    """Trains one epoch and evaluates; returns the epoch's host-side metrics."""
+    train, stats = run.datasets.train, run.datasets
+    order_rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed + 1), epoch)
+    order = data.epoch_permutation(order_rng, train.num_examples, run.config.batch_size)
+    totals = _zero_train_totals()
+
+    start = time.perf_counter()
+    in_flight = collections.deque()
+    with tqdm.tqdm(
+        total=run.steps_per_epoch, desc=f'epoch {epoch}', leave=False, unit='step'
+    ) as progress:
+        for _ in range(run.steps_per_epoch):
+            state, totals, step_done = run.train_step(
+                state, totals, train, order, stats.mean, stats.std, run.penalty_config
+            )
+            in_flight.append(step_done)
+            if len(in_flight) > _STEPS_AHEAD:
+                in_flight.popleft().block_until_ready()
+                progress.update()
+        totals = jax.device_get(totals)
+        progress.update(len(in_flight))
+    epoch_time = time.perf_counter() - start
+
+    metrics = {
+        name: float(value) / run.steps_per_epoch for name, value in totals.items()
+    }
+    metrics.update(_evaluate(run, state))
+    metrics['learning_rate'] = float(run.schedule((epoch - 1) * run.steps_per_epoch))
+    metrics['epoch_time'] = epoch_time
+    metrics['eval_time'] = time.perf_counter() - start - epoch_time
+    return state, metrics
+
+
+def _zero_train_totals() -> Metrics:
+    names = ('train_loss', 'penalty', 'l2', 'objective', 'train_accuracy', 'grad_norm')
+    return {name: jnp.zeros((), jnp.float32) for name in names}
+
+
+def _evaluate(run: _Run, state: TrainState) -> dict[str, float]:
+    totals = {
+        'loss_sum': jnp.zeros((), jnp.float32),
+        'correct': jnp.zeros((), jnp.int32),
+        'count': jnp.zeros((), jnp.int32),
+    }
+    batches = data.eval_batches(run.datasets.eval, run.config.eval_batch_size)
+    for batch in batches:
+        totals = run.eval_batch(
+            state, totals, batch, run.datasets.mean, run.datasets.std
+        )
+    totals = jax.device_get(totals)
+    return {
+        'eval_loss': float(totals['loss_sum']) / int(totals['count']),
+        'eval_accuracy': float(totals['correct']) / int(totals['count']),
+    }
+
+
+def _anchor_metrics(state: TrainState) -> dict[str, float]:
+    """How many anchors are stored and the L2 distance to each, by slot."""
+    distances, active = jax.device_get((anchor_distances(state), state.anchor_mask))
+    metrics = {'anchors': int(active.sum())}
+    for slot, (value, is_active) in enumerate(zip(distances, active, strict=True)):
+        if is_active:
+            metrics[f'distance/{slot}'] = float(value)
+    return metrics
