@@ -338,7 +338,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 def _compile_train_step(steps_per_epoch: int):
     """One compiled call per step: gather, augment, normalize, update, accumulate."""
 
-    def step(state, totals, train_data, order, mean, std, penalty_config):
+    def fused_train_step(state, totals, train_data, order, mean, std, penalty_config):
         rng = jax.random.fold_in(state.rng, state.step)
         indices = order[state.step % steps_per_epoch]
         batch = data.take_batch(train_data, indices)
@@ -349,7 +349,7 @@ def _compile_train_step(steps_per_epoch: int):
         # progress bar without draining the device's queue.
         return state, totals, state.step
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(fused_train_step, donate_argnums=(0, 1))
 
 
 def _eval_batch(state, totals, batch, mean, std):

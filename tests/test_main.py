@@ -1,6 +1,7 @@
 """The main command end to end on mocked CIFAR-10: anchors, snapshots, resume."""
 
 import json
+import logging
 import sys
 from unittest import mock
 
@@ -14,6 +15,8 @@ from absl import flags
 from landscape_jax import checkpoints, main, metric_writers, models, train
 
 NUM_EXAMPLES = 96
+# Compilations of the fused training step seen while making each run directory.
+_STEP_COMPILATIONS = {}
 
 
 def _run_main(workdir, *overrides: str) -> None:
@@ -40,11 +43,36 @@ def _run_main(workdir, *overrides: str) -> None:
         main.main(remaining)
 
 
+class _CompileCounter(logging.Handler):
+    """Counts JAX's log records of compilations of the fused training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith('Compiling jit(fused_train_step)'):
+            self.count += 1
+
+
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('run')
-    _run_main(workdir)
+    counter = _CompileCounter()
+    jax_logger = logging.getLogger('jax')
+    jax_logger.addHandler(counter)
+    try:
+        with jax.log_compiles():
+            _run_main(workdir)
+    finally:
+        jax_logger.removeHandler(counter)
+    _STEP_COMPILATIONS[workdir] = counter.count
     return workdir
+
+
+def test_one_compilation_serves_the_run(run_dir):
+    # Two epochs and two anchors stored, one compiled training step.
+    assert _STEP_COMPILATIONS[run_dir] == 1
 
 
 def test_metrics_file_has_one_record_per_epoch(run_dir):
