@@ -24,6 +24,7 @@ from tqdm import auto as tqdm
 
 from landscape_jax import (
     checkpoints,
+    config_validation,
     data,
     distance,
     metric_writers,
@@ -223,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Returns:
       The final training state.
     """
+    config_validation.validate_config(config)
     run = _setup(config, workdir)
     state = run.state
     start_epoch = run.start_epoch
