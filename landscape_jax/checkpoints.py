@@ -54,6 +54,12 @@ class RunCheckpointer:
       model_meta: what a reader needs to rebuild the model of a snapshot
         (``model``, ``dtype``, ``num_classes``, ``image_shape``); stored with each.
       max_to_keep: how many training states to keep (snapshots are all kept).
+      allow_config_change: accept a ``workdir`` made with another configuration
+        (and record the new one); otherwise such a workdir is refused.
+
+    Raises:
+      ValueError: if ``workdir`` holds a run made with a different configuration
+        and ``allow_config_change`` is False.
     """
 
     def __init__(
@@ -62,10 +68,12 @@ class RunCheckpointer:
         config: ml_collections.ConfigDict,
         model_meta: dict[str, Any],
         max_to_keep: int = 2,
+        allow_config_change: bool = False,
     ):
         self.workdir = epath.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._model_meta = dict(model_meta)
+        _check_same_config(workdir, config, allow_config_change)
         (self.workdir / CONFIG_FILE).write_text(config.to_json(indent=2))
         self._states = ocp.CheckpointManager(
             self.workdir / CHECKPOINTS_DIR,
@@ -98,7 +106,15 @@ class RunCheckpointer:
         return restored, int(epoch)
 
     def save_snapshot(self, epoch: int, state: PyTree) -> None:
-        """Saves the model of ``state`` as the ensemble snapshot of ``epoch``."""
+        """Saves the model of ``state`` as the ensemble snapshot of ``epoch``.
+
+        A snapshot already saved for ``epoch`` (by a run that was stopped before
+        its training state of that epoch was saved) is kept as it is: the epoch
+        is recomputed identically on resume, and a snapshot is never rewritten.
+        """
+        if epoch in self._snapshots.all_steps():
+            logging.info('Snapshot of epoch %d exists; keeping it.', epoch)
+            return
         meta = dict(self._model_meta, epoch=int(epoch))
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         self._snapshots.save(
@@ -144,6 +160,40 @@ def load_snapshot(workdir: str, epoch: int) -> Snapshot:
             ),
         )
     return Snapshot(epoch=int(epoch), variables=restored.model, meta=restored.meta)
+
+
+def _check_same_config(
+    workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool
+) -> None:
+    """Refuses a workdir whose recorded configuration differs from ``config``."""
+    recorded = read_config(workdir)
+    if recorded is None or allow_config_change:
+        return
+    differing = _differing_fields(recorded, json.loads(config.to_json()))
+    if differing:
+        shown = ', '.join(
+            f'{name} ({old!r} -> {new!r})' for name, old, new in differing
+        )
+        raise ValueError(
+            f'workdir={str(workdir)!r} holds a run made with a different config: '
+            f'{shown}. Use another workdir, or pass --allow_config_change to '
+            'continue this run with the new config.'
+        )
+
+
+def _differing_fields(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = ''
+) -> list[tuple[str, Any, Any]]:
+    """(dotted name, old value, new value) for each field that differs."""
+    differing = []
+    for key in sorted(set(old) | set(new)):
+        name = f'{prefix}{key}'
+        old_value, new_value = old.get(key), new.get(key)
+        if isinstance(old_value, dict) and isinstance(new_value, dict):
+            differing += _differing_fields(old_value, new_value, f'{name}.')
+        elif old_value != new_value:
+            differing.append((name, old_value, new_value))
+    return differing
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:

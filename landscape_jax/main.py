@@ -25,6 +25,12 @@ from landscape_jax import config_validation, train
 USAGE_ERROR_EXIT_CODE = 2
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change',
+    False,
+    'Continue a run in --workdir that was made with a different configuration '
+    '(for example to train it for more epochs); without it such a run is refused.',
+)
 config_flags.DEFINE_config_file(
     'config', None, 'Path to a configuration file.', lock_config=True
 )
@@ -49,7 +55,9 @@ def main(argv: list[str]) -> None:
         # tfds reads data through TensorFlow; keep it off the accelerators JAX uses.
         tf.config.set_visible_devices([], 'GPU')
         logging.info('JAX devices: %s', jax.devices())
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(
+            config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        )
     except ValueError as error:
         if not config_validation.is_input_error(error, config):
             raise

@@ -206,7 +206,12 @@ def anchor_distances(state: TrainState) -> jax.Array:
     return jnp.sqrt(distance.squared_distances(state.params, state.anchors))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: bool = False,
+) -> TrainState:
     """Trains and evaluates a model as ``config`` describes, writing to ``workdir``.
 
     Per epoch, one line is appended to ``workdir/metrics.jsonl`` and the same
@@ -220,12 +225,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Args:
       config: the run's configuration (see ``configs/default.py``).
       workdir: the run directory; created if missing.
+      allow_config_change: continue a run in ``workdir`` that was made with a
+        different configuration (for example to train it for more epochs);
+        without it such a workdir is refused with the differing fields.
 
     Returns:
       The final training state.
     """
     config_validation.validate_config(config)
-    run = _setup(config, workdir)
+    run = _setup(config, workdir, allow_config_change)
     state = run.state
     start_epoch = run.start_epoch
     if start_epoch:
@@ -273,7 +281,9 @@ class _Run:
     writer: metric_writers.MetricWriter
 
 
-def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+def _setup(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> _Run:
     """Loads data, builds the model, optimizer and state, and restores a resume."""
     anchor_epochs = tuple(int(epoch) for epoch in config.distance.anchor_epochs)
     datasets = data.load_datasets(config.data)
@@ -307,7 +317,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         'image_shape': list(image_shape),
     }
     checkpointer = checkpoints.RunCheckpointer(
-        workdir, config, model_meta, max_to_keep=config.checkpoints_to_keep
+        workdir,
+        config,
+        model_meta,
+        max_to_keep=config.checkpoints_to_keep,
+        allow_config_change=allow_config_change,
     )
     state, start_epoch = checkpointer.restore_state(state)
     writer = metric_writers.MetricWriter(workdir, resume_after_epoch=start_epoch)

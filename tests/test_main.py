@@ -151,7 +151,9 @@ def test_rerun_resumes_without_repeating_epochs(run_dir):
         assert metric_writers.read_metrics(run_dir) == before
 
         config.num_epochs = 3
-        train.train_and_evaluate(config, str(run_dir))
+        with pytest.raises(ValueError, match=r'num_epochs \(2 -> 3\)'):
+            train.train_and_evaluate(config, str(run_dir))
+        train.train_and_evaluate(config, str(run_dir), allow_config_change=True)
 
     records = metric_writers.read_metrics(run_dir)
     assert [r['epoch'] for r in records] == [1, 2, 3]
