@@ -236,6 +236,19 @@ def test_load_final_restores_the_trained_model(run):
     jax.tree.map(np.testing.assert_array_equal, final.variables, expected)
 
 
+def test_members_written_on_another_device_restore_here(run, tmp_path):
+    # Pretend the run was trained on a GPU: orbax records each array's device.
+    workdir = tmp_path / 'run'
+    shutil.copytree(run['workdir'], workdir)
+    for path in workdir.rglob('_sharding'):
+        path.write_text(path.read_text().replace('cpu:0', 'cuda:0'))
+
+    members = ensemble.load_members(str(workdir))
+    assert list(members) == [1, 2, ensemble.FINAL]
+    leaves = jax.tree.leaves([member.variables for member in members.values()])
+    assert all(leaf.devices() == {jax.devices()[0]} for leaf in leaves)
+
+
 def test_evaluate_run_matches_an_independent_recomputation(run, results, arrays):
     workdir = run['workdir']
 
