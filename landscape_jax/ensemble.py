@@ -29,7 +29,7 @@ Flags (for the command):
 import functools
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,9 @@ from flax import linen as nn
 from landscape_jax import checkpoints, data, models
 
 PyTree = Any
+
+# The exit status of the command given bad input.
+_USAGE_ERROR_EXIT_CODE = 2
 
 # Label of the final model among the members of a run.
 FINAL = 'final'
@@ -77,8 +80,12 @@ flags.DEFINE_integer(
 flags.mark_flag_as_required('workdir', flag_values=_FLAGS)
 
 
-class NoSnapshotsError(ValueError):
-    """A run directory holds no ensemble snapshots."""
+class RunInputError(ValueError):
+    """A run directory or split cannot be evaluated: bad input, not a bug.
+
+    For example a directory without snapshots, an unknown split, or a data set
+    that is not available here.
+    """
 
 
 # Restoring the members of a run.
@@ -486,12 +493,13 @@ def evaluate_run(
       (None for a single member) and ``pairwise_kl`` (M x M nested lists).
 
     Raises:
-      NoSnapshotsError: if ``workdir`` holds no snapshots.
+      RunInputError: if ``workdir`` holds no snapshots, or its data set or
+        ``split`` cannot be loaded.
     """
     if not epath.Path(workdir).is_dir():
-        raise NoSnapshotsError(f'workdir={workdir} is not a directory.')
+        raise RunInputError(f'workdir={workdir} is not a directory.')
     if not checkpoints.snapshot_epochs(workdir):
-        raise NoSnapshotsError(
+        raise RunInputError(
             f'workdir={workdir} holds no ensemble snapshots (no '
             f'{checkpoints.SNAPSHOTS_DIR}/ checkpoints); train with '
             'config.distance.anchor_epochs or a cosine schedule to save some.'
@@ -501,7 +509,10 @@ def evaluate_run(
     data_config = config.data
     if split is not None:
         data_config.eval_split = split
-    datasets = data.load_datasets(data_config)
+    try:
+        datasets = data.load_datasets(data_config)
+    except (ValueError, data.DatasetUnavailableError) as err:
+        raise RunInputError(str(err)) from err
     images = data.normalize(datasets.eval.images, datasets.mean, datasets.std)
     labels = datasets.eval.labels
 
@@ -526,26 +537,28 @@ def evaluate_run(
 def main(argv: list[str]) -> None:
     """Prints `evaluate_run` of ``--workdir`` as one JSON object on stdout.
 
+    Bad input (a flag that does not parse, a run without snapshots, an unknown
+    split) ends the command with exit status 2 and ``error: <problem>`` lines on
+    stderr, like ``landscape_jax.main``.
+
     Args:
       argv: the command line, program name first (this command's flags are
         parsed here; see the module docstring).
-
-    Raises:
-      app.UsageError: (exit status 2) on bad flags or a run without snapshots.
     """
-    _FLAGS.unparse_flags()
+    if _FLAGS.is_parsed():  # Called again in the same process, as in tests.
+        _FLAGS.unparse_flags()
     try:
         extra = _FLAGS(argv)[1:]
     except flags.Error as err:
-        raise app.UsageError(str(err), exitcode=2) from None
+        _exit_with_error(str(err))
     if extra:
-        raise app.UsageError(f'Unexpected arguments: {" ".join(extra)}', exitcode=2)
+        _exit_with_error(f'unexpected arguments: {" ".join(extra)}')
     try:
         results = evaluate_run(
             _FLAGS.workdir, split=_FLAGS.split, batch_size=_FLAGS.batch_size
         )
-    except NoSnapshotsError as err:
-        raise app.UsageError(str(err), exitcode=2) from None
+    except RunInputError as err:
+        _exit_with_error(str(err))
     json.dump(results, sys.stdout)
     sys.stdout.write('\n')
 
@@ -660,9 +673,20 @@ def _concrete(array: jax.Array) -> np.ndarray | None:
         return None
 
 
+def _exit_with_error(message: str) -> NoReturn:
+    """Writes each line of message as an ``error:`` line and exits with status 2."""
+    for line in message.splitlines():
+        if line.strip():
+            sys.stderr.write(f'error: {line.strip()}\n')
+    sys.exit(_USAGE_ERROR_EXIT_CODE)
+
+
 def _parse_absl_flags(argv: list[str]) -> list[str]:
     """Parses absl's own flags (logging); leaves this command's to `main`."""
-    return flags.FLAGS(argv, known_only=True)
+    try:
+        return flags.FLAGS(argv, known_only=True)
+    except flags.Error as err:
+        _exit_with_error(str(err))
 
 
 if __name__ == '__main__':

@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from absl import app
 
 from configs import default
 from landscape_jax import checkpoints, ensemble, models, train
@@ -300,10 +299,14 @@ def test_command_prints_json(run, results, capsys):
         assert printed[key] == results[key]
 
 
-def test_command_without_snapshots_is_a_usage_error(tmp_path):
-    with pytest.raises(app.UsageError, match='no ensemble snapshots') as raised:
+def test_command_without_snapshots_is_an_input_error(tmp_path, capsys):
+    message = f'error: workdir={tmp_path} holds no ensemble snapshots'
+    with pytest.raises(SystemExit) as raised:
         ensemble.main(['ensemble', f'--workdir={tmp_path}'])
-    assert raised.value.exitcode == 2
+    assert raised.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == ''
+    assert printed.err.startswith(message) and printed.err.count('\n') == 1
 
     completed = subprocess.run(
         [sys.executable, '-m', 'landscape_jax.ensemble', f'--workdir={tmp_path}'],
@@ -313,5 +316,12 @@ def test_command_without_snapshots_is_a_usage_error(tmp_path):
     )
     assert completed.returncode == 2
     assert completed.stdout == ''
-    last_line = completed.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f'workdir={tmp_path} holds no ensemble snapshots')
+    errors = [line for line in completed.stderr.splitlines() if 'error' in line]
+    assert len(errors) == 1 and errors[0].startswith(message)
+
+
+def test_command_with_an_unknown_split_is_an_input_error(run, capsys):
+    with pytest.raises(SystemExit) as raised:
+        ensemble.main(['ensemble', f'--workdir={run["workdir"]}', '--split=valid'])
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.startswith("error: data.eval_split='valid'")
