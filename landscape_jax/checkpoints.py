@@ -27,6 +27,8 @@ PyTree = Any
 CHECKPOINTS_DIR = 'checkpoints'
 SNAPSHOTS_DIR = 'snapshots'
 CONFIG_FILE = 'config.json'
+# Opens a checkpoint directory for reading without creating anything.
+READ_ONLY = ocp.CheckpointManagerOptions(create=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +139,15 @@ def snapshot_epochs(workdir: str) -> list[int]:
     directory = epath.Path(workdir) / SNAPSHOTS_DIR
     if not directory.exists():
         return []
-    with ocp.CheckpointManager(directory) as manager:
+    with ocp.CheckpointManager(directory, options=READ_ONLY) as manager:
         return sorted(manager.all_steps())
 
 
 def load_snapshot(workdir: str, epoch: int) -> Snapshot:
     """Restores one snapshot of a run directory with orbax.
+
+    The arrays are restored onto this host's default device, whichever devices
+    wrote them, so that snapshots trained on an accelerator can be read anywhere.
 
     Args:
       workdir: the run directory.
@@ -152,14 +157,46 @@ def load_snapshot(workdir: str, epoch: int) -> Snapshot:
       The restored `Snapshot`.
     """
     directory = epath.Path(workdir) / SNAPSHOTS_DIR
-    with ocp.CheckpointManager(directory) as manager:
+    handlers = {
+        'model': ocp.PyTreeCheckpointHandler(),
+        'meta': ocp.JsonCheckpointHandler(),
+    }
+    with ocp.CheckpointManager(
+        directory, options=READ_ONLY, item_handlers=handlers
+    ) as manager:
+        saved = manager.item_metadata(epoch)['model'].tree
         restored = manager.restore(
             epoch,
             args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                model=local_restore_args(saved), meta=ocp.args.JsonRestore()
             ),
         )
     return Snapshot(epoch=int(epoch), variables=restored.model, meta=restored.meta)
+
+
+def local_restore_args(
+    saved: PyTree, partial_restore: bool = False
+) -> ocp.args.PyTreeRestore:
+    """Orbax arguments restoring the arrays of ``saved`` onto the default device.
+
+    Args:
+      saved: the tree of a checkpoint item as its orbax metadata describes it
+        (anything with ``shape`` and ``dtype`` leaves).
+      partial_restore: restore only the subtree given by ``saved``.
+
+    Returns:
+      `ocp.args.PyTreeRestore` for ``CheckpointManager.restore``.
+    """
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding),
+        saved,
+    )
+    return ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial_restore,
+    )
 
 
 def _check_same_config(

@@ -64,9 +64,6 @@ _FIGURES = (
     'pairwise_kl',
 )
 
-# Opening a run's checkpoints to read them never creates directories.
-_READING = ocp.CheckpointManagerOptions(create=False)
-
 # This command's flags live in their own registry: `landscape_jax.main` defines a
 # global --workdir too, and both modules must be importable in one process.
 _FLAGS = flags.FlagValues()
@@ -94,42 +91,16 @@ class RunInputError(ValueError):
 def load_snapshots(workdir: str) -> list[checkpoints.Snapshot]:
     """Restores every snapshot of a run directory with orbax, oldest first.
 
-    Unlike `checkpoints.load_snapshot`, the arrays are restored onto this host's
-    default device whatever devices wrote them, so that snapshots trained on an
-    accelerator can be read on a laptop.
-
     Args:
       workdir: the run directory.
 
     Returns:
       The snapshots in ``workdir/snapshots``, sorted by epoch; empty if none.
     """
-    epochs = checkpoints.snapshot_epochs(workdir)
-    if not epochs:
-        return []
-    handlers = {
-        'model': ocp.PyTreeCheckpointHandler(),
-        'meta': ocp.JsonCheckpointHandler(),
-    }
-    directory = epath.Path(workdir) / checkpoints.SNAPSHOTS_DIR
-    snapshots = []
-    with ocp.CheckpointManager(
-        directory, options=_READING, item_handlers=handlers
-    ) as manager:
-        for epoch in epochs:
-            saved = manager.item_metadata(epoch)['model'].tree
-            restored = manager.restore(
-                epoch,
-                args=ocp.args.Composite(
-                    model=_local_restore_args(saved), meta=ocp.args.JsonRestore()
-                ),
-            )
-            snapshots.append(
-                checkpoints.Snapshot(
-                    epoch=int(epoch), variables=restored.model, meta=restored.meta
-                )
-            )
-    return snapshots
+    return [
+        checkpoints.load_snapshot(workdir, epoch)
+        for epoch in checkpoints.snapshot_epochs(workdir)
+    ]
 
 
 def load_final(workdir: str) -> checkpoints.Snapshot:
@@ -159,7 +130,9 @@ def load_final(workdir: str) -> checkpoints.Snapshot:
         )
 
     with ocp.CheckpointManager(
-        directory, options=_READING, item_handlers=ocp.PyTreeCheckpointHandler()
+        directory,
+        options=checkpoints.READ_ONLY,
+        item_handlers=ocp.PyTreeCheckpointHandler(),
     ) as manager:
         epoch = manager.latest_step()
         if epoch is None:
@@ -167,7 +140,7 @@ def load_final(workdir: str) -> checkpoints.Snapshot:
         saved = manager.item_metadata(epoch).tree
         wanted = {name: saved[name] for name in ('params', 'batch_stats')}
         variables = manager.restore(
-            epoch, args=_local_restore_args(wanted, partial_restore=True)
+            epoch, args=checkpoints.local_restore_args(wanted, partial_restore=True)
         )
 
     epochs = checkpoints.snapshot_epochs(workdir)
@@ -608,7 +581,7 @@ def _final_state_epoch(workdir: str) -> int | None:
     directory = epath.Path(workdir) / checkpoints.CHECKPOINTS_DIR
     if not directory.exists():
         return None
-    with ocp.CheckpointManager(directory, options=_READING) as manager:
+    with ocp.CheckpointManager(directory, options=checkpoints.READ_ONLY) as manager:
         epoch = manager.latest_step()
     return None if epoch is None else int(epoch)
 
@@ -633,28 +606,14 @@ def _snapshot_meta(workdir: str, epoch: int) -> dict[str, Any]:
     """Only the ``meta`` item of a snapshot."""
     directory = epath.Path(workdir) / checkpoints.SNAPSHOTS_DIR
     with ocp.CheckpointManager(
-        directory, options=_READING, item_handlers={'meta': ocp.JsonCheckpointHandler()}
+        directory,
+        options=checkpoints.READ_ONLY,
+        item_handlers={'meta': ocp.JsonCheckpointHandler()},
     ) as manager:
         restored = manager.restore(
             epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         )
     return restored.meta
-
-
-def _local_restore_args(
-    saved: PyTree, partial_restore: bool = False
-) -> ocp.args.PyTreeRestore:
-    """Restores the arrays of ``saved`` (orbax metadata) onto the default device."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding),
-        saved,
-    )
-    return ocp.args.PyTreeRestore(
-        item=target,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=partial_restore,
-    )
 
 
 def _same_variables(first: PyTree, second: PyTree) -> bool:

@@ -9,6 +9,7 @@ the device, so that the host waits for the device once per epoch.
 
 import collections
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -97,7 +98,9 @@ def create_train_state(
       The initial `TrainState` at step 0.
     """
     init_rng, train_rng = jax.random.split(rng)
-    variables = model.init(init_rng, jnp.zeros((1, *image_shape)), train=False)
+    # Jitted: unjitted, every small initializer op would compile on its own.
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(init_rng, jnp.zeros((1, *image_shape)))
     params = variables['params']
     anchors, anchor_mask = distance.empty_anchors(params, num_anchor_slots)
     state = TrainState.create(

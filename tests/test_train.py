@@ -92,11 +92,14 @@ def test_storing_anchors_does_not_recompile_the_step():
     batch = _learnable_batch(8)
     config = train.PenaltyConfig(strength=1.0, width=10.0, weight_decay=1e-3)
 
+    state, _ = step(state, batch, config)
+    # jit shares its cache between wrappers of one function: count what we add.
+    compiled = step._cache_size()
     for _ in range(3):
-        state, _ = step(state, batch, config)
         state = train.store_anchor(state)
+        state, _ = step(state, batch, config)
 
-    assert step._cache_size() == 1
+    assert step._cache_size() == compiled
     assert int(jnp.sum(state.anchor_mask)) == 3
 
 
