@@ -31,6 +31,10 @@ CONFIG_FILE = 'config.json'
 READ_ONLY = ocp.CheckpointManagerOptions(create=False)
 
 
+class DamagedSnapshotError(RuntimeError):
+    """A snapshot whose files exist but cannot be restored."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """One restored ensemble member.
@@ -155,8 +159,29 @@ def load_snapshot(workdir: str, epoch: int) -> Snapshot:
 
     Returns:
       The restored `Snapshot`.
+
+    Raises:
+      FileNotFoundError: if the run has no snapshot of ``epoch``.
+      DamagedSnapshotError: if the snapshot's files cannot be restored.
     """
     directory = epath.Path(workdir) / SNAPSHOTS_DIR
+    saved_epochs = snapshot_epochs(workdir)
+    if epoch not in saved_epochs:
+        raise FileNotFoundError(
+            f'No snapshot of epoch {epoch} in {directory}; '
+            f'its snapshots are of epochs {saved_epochs}.'
+        )
+    try:
+        return _restore_snapshot(directory, epoch)
+    except Exception as error:  # Orbax and TensorStore raise many kinds.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DamagedSnapshotError(
+            f'Snapshot {directory / str(epoch)} is damaged and cannot be '
+            f'restored ({type(error).__name__}: {reason[:200]}).'
+        ) from error
+
+
+def _restore_snapshot(directory: epath.Path, epoch: int) -> Snapshot:
     handlers = {
         'model': ocp.PyTreeCheckpointHandler(),
         'meta': ocp.JsonCheckpointHandler(),

@@ -28,6 +28,7 @@ from landscape_jax import (
     config_validation,
     data,
     distance,
+    ensemble,
     metric_writers,
     models,
     optim,
@@ -182,7 +183,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
         ``mask`` bool[B], False on padding.
 
     Returns:
-      ``loss_sum``, ``correct`` and ``count`` over the examples where mask holds.
+      ``loss_sum``, ``correct`` and ``count`` over the examples where mask holds,
+      and ``probabilities`` f32[B, num_classes], the softmax outputs.
     """
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     logits = state.apply_fn(variables, batch['image'], train=False)
@@ -193,6 +195,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
         'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
         'correct': jnp.sum(correct & mask),
         'count': jnp.sum(mask),
+        'probabilities': jax.nn.softmax(logits),
     }
 
 
@@ -242,8 +245,13 @@ def train_and_evaluate(
     if start_epoch:
         logging.info('Resuming after epoch %d from %s.', start_epoch, workdir)
 
+    for epoch in sorted(e for e in run.snapshot_epochs if e <= start_epoch):
+        snapshot = checkpoints.load_snapshot(workdir, epoch)
+        _, probabilities = _evaluate(run, state.replace(**snapshot.variables))
+        run.ensemble.add(probabilities)
+
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
-        state, epoch_metrics = _run_epoch(run, state, epoch)
+        state, epoch_metrics, probabilities = _run_epoch(run, state, epoch)
         if not metric_writers.is_finite(epoch_metrics):
             run.checkpointer.close()
             raise FloatingPointError(
@@ -251,8 +259,13 @@ def train_and_evaluate(
                 f'saved after epoch {epoch - 1} and all snapshots are kept in '
                 f'{workdir}.'
             )
-        if epoch in run.snapshot_epochs:
+        is_snapshot = epoch in run.snapshot_epochs
+        if is_snapshot:
             run.checkpointer.save_snapshot(epoch, state)
+            run.ensemble.add(probabilities)
+        ensemble_accuracy = run.ensemble.accuracy(probabilities, is_snapshot)
+        if ensemble_accuracy is not None:
+            epoch_metrics['ensemble_accuracy'] = ensemble_accuracy
         if epoch in run.anchor_epochs:
             state = run.store_anchor(state)
         epoch_metrics.update(_anchor_metrics(state))
@@ -282,6 +295,7 @@ class _Run:
     store_anchor: Any
     checkpointer: checkpoints.RunCheckpointer
     writer: metric_writers.MetricWriter
+    ensemble: '_SnapshotEnsemble'
 
 
 def _setup(
@@ -351,6 +365,7 @@ def _setup(
         store_anchor=jax.jit(store_anchor, donate_argnums=0),
         checkpointer=checkpointer,
         writer=writer,
+        ensemble=_SnapshotEnsemble(datasets.eval.labels),
     )
 
 
@@ -373,11 +388,20 @@ def _compile_train_step(steps_per_epoch: int):
 
 def _eval_batch(state, totals, batch, mean, std):
     batch = dict(batch, image=data.normalize(batch['image'], mean, std))
-    return jax.tree.map(jnp.add, totals, eval_step(state, batch))
+    metrics = eval_step(state, batch)
+    probabilities = metrics.pop('probabilities')
+    return jax.tree.map(jnp.add, totals, metrics), probabilities
 
 
-def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
-    """Trains one epoch and evaluates; returns the epoch's host-side metrics."""
+def _run_epoch(
+    run: _Run, state: TrainState, epoch: int
+) -> tuple[TrainState, dict[str, float], jax.Array]:
+    """Trains one epoch and evaluates.
+
+    Returns:
+      The new state, the epoch's metrics (on the host) and the softmax outputs
+      on the eval split (on the device).
+    """
     train, stats = run.datasets.train, run.datasets
     order_rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed + 1), epoch)
     order = data.epoch_permutation(order_rng, train.num_examples, run.config.batch_size)
@@ -403,11 +427,12 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     metrics = {
         name: float(value) / run.steps_per_epoch for name, value in totals.items()
     }
-    metrics.update(_evaluate(run, state))
+    eval_metrics, eval_probabilities = _evaluate(run, state)
+    metrics.update(eval_metrics)
     metrics['learning_rate'] = float(run.schedule((epoch - 1) * run.steps_per_epoch))
     metrics['epoch_time'] = epoch_time
     metrics['eval_time'] = time.perf_counter() - start - epoch_time
-    return state, metrics
+    return state, metrics, eval_probabilities
 
 
 def _zero_train_totals() -> Metrics:
@@ -415,22 +440,53 @@ def _zero_train_totals() -> Metrics:
     return {name: jnp.zeros((), jnp.float32) for name in names}
 
 
-def _evaluate(run: _Run, state: TrainState) -> dict[str, float]:
+def _evaluate(run: _Run, state: TrainState) -> tuple[dict[str, float], jax.Array]:
+    """Loss and accuracy on the eval split, and its softmax outputs (on device)."""
     totals = {
         'loss_sum': jnp.zeros((), jnp.float32),
         'correct': jnp.zeros((), jnp.int32),
         'count': jnp.zeros((), jnp.int32),
     }
+    probabilities = []
     batches = data.eval_batches(run.datasets.eval, run.config.eval_batch_size)
     for batch in batches:
-        totals = run.eval_batch(
+        totals, batch_probabilities = run.eval_batch(
             state, totals, batch, run.datasets.mean, run.datasets.std
         )
+        probabilities.append(batch_probabilities)
+    probabilities = jnp.concatenate(probabilities)[: run.datasets.eval.num_examples]
     totals = jax.device_get(totals)
-    return {
+    metrics = {
         'eval_loss': float(totals['loss_sum']) / int(totals['count']),
         'eval_accuracy': float(totals['correct']) / int(totals['count']),
     }
+    return metrics, probabilities
+
+
+class _SnapshotEnsemble:
+    """The running sum of the snapshots' softmax outputs on the eval split.
+
+    The ensemble of an epoch averages every snapshot taken so far and the current
+    model; at a snapshot's own epoch the current model is that snapshot.
+    """
+
+    def __init__(self, labels: jax.Array):
+        self._labels = labels
+        self._sum = None
+        self._count = 0
+
+    def add(self, probabilities: jax.Array) -> None:
+        self._sum = probabilities if self._sum is None else self._sum + probabilities
+        self._count += 1
+
+    def accuracy(self, current: jax.Array, is_snapshot: bool) -> float | None:
+        """Ensemble accuracy with the current model's outputs; None before any."""
+        if self._sum is None:
+            return None
+        total, members = self._sum, self._count
+        if not is_snapshot:
+            total, members = total + current, members + 1
+        return float(ensemble.accuracy(total / members, self._labels))
 
 
 def _anchor_metrics(state: TrainState) -> dict[str, float]:

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from landscape_jax import checkpoints, main, metric_writers, models, train
+from landscape_jax import checkpoints, ensemble, main, metric_writers, models, train
 
 NUM_EXAMPLES = 96
 # Compilations of the fused training step seen while making each run directory.
@@ -109,6 +109,20 @@ def test_distances_appear_when_anchors_are_stored(run_dir):
     assert first['distance/0'] == 0.0 and 'distance/1' not in first
     assert second['anchors'] == 2 and second['penalty'] > 0.0
     assert second['distance/0'] > 0.0 and second['distance/1'] == 0.0
+
+
+def test_ensemble_accuracy_is_logged_from_the_first_snapshot(run_dir):
+    first, second = metric_writers.read_metrics(run_dir)
+
+    # Epoch 1: the only member is the snapshot of epoch 1, the current model.
+    assert first['ensemble_accuracy'] == pytest.approx(first['eval_accuracy'])
+    # Epoch 2: the snapshots of epochs 1 and 2, as the ensemble command finds.
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        evaluated = ensemble.evaluate_run(str(run_dir))
+    assert evaluated['members'] == [1, 2]
+    assert second['ensemble_accuracy'] == pytest.approx(
+        evaluated['ensemble_accuracy'], abs=1e-6
+    )
 
 
 def test_snapshots_restore_with_orbax(run_dir):
