@@ -25,18 +25,19 @@ loads the whole training and evaluation split into its own memory and replicates
 it onto its devices, so every host must load identical data (`replicate` does not
 check this) and the data has to fit on every device, as it does on one; sharding
 the splits over hosts is not implemented. Metrics come back replicated, so every
-process can read them, but only process 0 should write metrics, logs and
-checkpoint metadata.
+process can read them, but only process 0 should write metrics and logs (orbax
+checkpointing, on the other hand, needs every process to take part).
 
 Example:
 
     initialize_distributed()
     mesh = create_mesh()
     state = replicate(state, mesh)
-    datasets = replicate(datasets, mesh)
+    train_data, mean, std = replicate(
+        (datasets.train, datasets.mean, datasets.std), mesh)
     step = compile_train_step(steps_per_epoch, mesh)
-    state, totals, _ = step(state, totals, datasets.train, replicate(order, mesh),
-                            datasets.mean, datasets.std, penalty_config)
+    state, totals, _ = step(state, totals, train_data, replicate(order, mesh),
+                            mean, std, penalty_config)
 """
 
 import os
@@ -160,8 +161,9 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     they expect instead of copying them on every call.
 
     Args:
-      tree: a pytree of arrays and scalars: a `train.TrainState`,
-        `data.Datasets`, ... On several hosts every leaf must hold the same value
+      tree: a pytree of arrays and scalars: a `train.TrainState`, a
+        `data.DeviceData` split, ... (`data.Datasets` is not a pytree: replicate
+        its fields). On several hosts every leaf must hold the same value
         on every process (this is not checked) and be readable by this process:
         a NumPy array or scalar, an array on this process's devices, or an array
         already replicated.
