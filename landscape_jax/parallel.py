@@ -35,13 +35,16 @@ Example:
     state = replicate(state, mesh)
     train_data, mean, std = replicate(
         (datasets.train, datasets.mean, datasets.std), mesh)
-    step = compile_train_step(steps_per_epoch, mesh)
+    step = train.compile_train_step(mesh)
     state, totals, _ = step(state, totals, train_data, replicate(order, mesh),
                             mean, std, penalty_config)
+
+`train.train_and_evaluate` does this on every run; with one device the mesh has
+one device and nothing is split.
 """
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -49,8 +52,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from landscape_jax import data, train
 
 PyTree = Any
 
@@ -220,77 +221,6 @@ def constrain_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     by examples.
     """
     return jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
-
-
-def compile_train_step(steps_per_epoch: int, mesh: Mesh) -> Callable[..., Any]:
-    """The training loop's fused step (gather, augment, normalize, update, sum).
-
-    It computes what ``train._compile_train_step`` computes, with the gathered
-    batch split over the devices of ``mesh`` and every input and output
-    replicated.
-
-    Args:
-      steps_per_epoch: the number of rows of each epoch's order.
-      mesh: the mesh from `create_mesh`.
-
-    Returns:
-      ``step(state, totals, train_data, order, mean, std, penalty_config) ->
-      (state, totals, step)``, jitted, donating ``state`` and ``totals``. Every
-      argument should already be replicated over ``mesh`` (`replicate`); the
-      global batch size (the width of ``order``) must be a multiple of the
-      number of devices.
-    """
-
-    def fused_train_step(state, totals, train_data, order, mean, std, penalty_config):
-        rng = jax.random.fold_in(state.rng, state.step)
-        indices = order[state.step % steps_per_epoch]
-        batch = constrain_batch(data.take_batch(train_data, indices), mesh)
-        batch['image'] = data.normalize(data.augment(rng, batch['image']), mean, std)
-        state, metrics = train.train_step(state, batch, penalty_config)
-        totals = jax.tree.map(jnp.add, totals, metrics)
-        return state, totals, state.step
-
-    replicated = replicated_sharding(mesh)
-    return jax.jit(
-        fused_train_step,
-        in_shardings=replicated,
-        out_shardings=replicated,
-        donate_argnums=(0, 1),
-    )
-
-
-def compile_eval_batch(mesh: Mesh) -> Callable[..., tuple[dict, dict]]:
-    """Evaluation of one batch, added to running sums, data-parallel.
-
-    Args:
-      mesh: the mesh from `create_mesh`.
-
-    Returns:
-      ``eval_batch(state, totals, batch, mean, std) -> (totals, outputs)``,
-      jitted: the batch (uint8 images with ``label`` and ``mask``, see
-      `data.eval_batches`) is normalized, split over the devices and evaluated
-      with `train.eval_step`. Its results named in ``totals`` (``loss_sum``,
-      ``correct``, ``count``) are added to ``totals``; ``outputs`` holds the
-      rest, per example (such as ``probabilities``). Both come back replicated.
-      The batch may be replicated (as `data.eval_batches` gives it from
-      replicated data) or already split (`shard_batch`); its size must be a
-      multiple of the number of devices. The other arguments should be
-      replicated.
-    """
-
-    def eval_batch(state, totals, batch, mean, std):
-        batch = constrain_batch(batch, mesh)
-        batch = dict(batch, image=data.normalize(batch['image'], mean, std))
-        return _add_sums(totals, train.eval_step(state, batch))
-
-    return jax.jit(eval_batch, out_shardings=replicated_sharding(mesh))
-
-
-def _add_sums(totals: dict, results: dict) -> tuple[dict, dict]:
-    """Adds the results named in ``totals`` to it; returns the rest apart."""
-    outputs = dict(results)
-    totals = {name: total + outputs.pop(name) for name, total in totals.items()}
-    return totals, outputs
 
 
 def _replicate_across_hosts(leaf: Any, sharding: NamedSharding) -> jax.Array:

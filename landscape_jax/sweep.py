@@ -309,9 +309,7 @@ def epoch_orders(
 ) -> jax.Array:
     """Each member's shuffled batches for one epoch, as its own run draws them.
 
-    Member m gets ``data.epoch_permutation`` of the key that the training loop
-    derives from the run's seed and the epoch, ``fold_in(PRNGKey(seed + 1),
-    epoch)``; the two must stay in step.
+    Member m gets `train.epoch_order` of its seed, as its own run would.
 
     Args:
       seeds: the members' seeds.
@@ -322,38 +320,25 @@ def epoch_orders(
     Returns:
       int32[M, num_examples // batch_size, batch_size] example indices.
     """
-    keys = [jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch) for seed in seeds]
     return jnp.stack(
-        [data.epoch_permutation(key, num_examples, batch_size) for key in keys]
+        [train.epoch_order(seed, epoch, num_examples, batch_size) for seed in seeds]
     )
 
 
-def compile_train_step(steps_per_epoch: int) -> Callable[..., Any]:
-    """The training loop's fused step (gather, augment, normalize, update) for a sweep.
-
-    Args:
-      steps_per_epoch: the number of rows of each member's epoch order.
+def compile_train_step() -> Callable[..., Any]:
+    """The training loop's fused step (`train.compile_train_step`) for a sweep.
 
     Returns:
       ``step(state, totals, train_data, orders, mean, std, penalty_config) ->
       (state, totals, step)``, jitted, donating ``state`` and ``totals``:
-      ``orders`` is int32[M, steps_per_epoch, B] from `epoch_orders`, ``totals``
-      and the result's metrics sums are f32[M] per metric, the returned ``step``
-      is int32[M]; ``train_data``, ``mean`` and ``std`` are shared.
+      ``orders`` is int32[M, steps, B] from `epoch_orders`, ``totals`` and the
+      result's metrics sums are f32[M] per metric, the returned ``step`` is
+      int32[M]; ``train_data``, ``mean`` and ``std`` are shared.
     """
-
-    def member_batch(rng, step, order, train_data, mean, std):
-        batch = data.take_batch(train_data, order[step % steps_per_epoch])
-        augment_rng = jax.random.fold_in(rng, step)
-        batch['image'] = data.normalize(
-            data.augment(augment_rng, batch['image']), mean, std
-        )
-        return batch
+    member_batches = jax.vmap(train.prepare_batch, in_axes=(None, 0, 0, 0, None, None))
 
     def fused_train_step(state, totals, train_data, orders, mean, std, penalty_config):
-        batch = jax.vmap(member_batch, in_axes=(0, 0, 0, None, None, None))(
-            state.rng, state.step, orders, train_data, mean, std
-        )
+        batch = member_batches(train_data, orders, state.step, state.rng, mean, std)
         state, metrics = sweep_train_step(state, batch, penalty_config)
         totals = jax.tree.map(jnp.add, totals, metrics)
         return state, totals, state.step

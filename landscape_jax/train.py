@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from absl import logging
 from flax import linen as nn
 from flax import struct
 from flax.training import train_state
+from jax.sharding import Mesh
 from tqdm import auto as tqdm
 
 from landscape_jax import (
@@ -32,6 +34,7 @@ from landscape_jax import (
     metric_writers,
     models,
     optim,
+    parallel,
     schedules,
 )
 
@@ -247,7 +250,10 @@ def train_and_evaluate(
 
     for epoch in sorted(e for e in run.snapshot_epochs if e <= start_epoch):
         snapshot = checkpoints.load_snapshot(workdir, epoch)
-        _, probabilities = _evaluate(run, state.replace(**snapshot.variables))
+        snapshot_state = parallel.replicate(
+            state.replace(**snapshot.variables), run.mesh
+        )
+        _, probabilities = _evaluate(run, snapshot_state)
         run.ensemble.add(probabilities)
 
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
@@ -290,6 +296,7 @@ class _Run:
     anchor_epochs: frozenset[int]
     snapshot_epochs: frozenset[int]
     penalty_config: PenaltyConfig
+    mesh: Mesh
     train_step: Any
     eval_batch: Any
     store_anchor: Any
@@ -343,6 +350,15 @@ def _setup(
     state, start_epoch = checkpointer.restore_state(state)
     writer = metric_writers.MetricWriter(workdir, resume_after_epoch=start_epoch)
 
+    mesh = parallel.create_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    parallel.check_batch_size(config.eval_batch_size, mesh)
+    state = parallel.replicate(state, mesh)
+    train_data, eval_data, mean, std = parallel.replicate(
+        (datasets.train, datasets.eval, datasets.mean, datasets.std), mesh
+    )
+    datasets = data.Datasets(train=train_data, eval=eval_data, mean=mean, std=std)
+
     snapshot_epochs = set(anchor_epochs)
     snapshot_epochs.update(schedules.cycle_end_epochs(config, config.num_epochs))
     penalty_config = PenaltyConfig(
@@ -360,8 +376,9 @@ def _setup(
         anchor_epochs=frozenset(anchor_epochs),
         snapshot_epochs=frozenset(snapshot_epochs),
         penalty_config=penalty_config,
-        train_step=_compile_train_step(steps_per_epoch),
-        eval_batch=jax.jit(_eval_batch),
+        mesh=mesh,
+        train_step=compile_train_step(mesh),
+        eval_batch=compile_eval_batch(mesh),
         store_anchor=jax.jit(store_anchor, donate_argnums=0),
         checkpointer=checkpointer,
         writer=writer,
@@ -369,28 +386,106 @@ def _setup(
     )
 
 
-def _compile_train_step(steps_per_epoch: int):
-    """One compiled call per step: gather, augment, normalize, update, accumulate."""
+def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> jax.Array:
+    """int32[steps, batch_size]: the shuffled example indices of one epoch.
+
+    A function of the seed and the epoch alone, so a resumed run sees the same
+    order as one never interrupted.
+    """
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch)
+    return data.epoch_permutation(rng, num_examples, batch_size)
+
+
+def prepare_batch(
+    train_data: data.DeviceData,
+    order: jax.Array,
+    step: jax.Array,
+    rng: jax.Array,
+    mean: jax.Array,
+    std: jax.Array,
+) -> dict[str, jax.Array]:
+    """The training batch of ``step``: gathered, augmented and normalized.
+
+    Args:
+      train_data: the training split on the device.
+      order: int32[steps, B] from `epoch_order`; row ``step % steps`` is used.
+      step: the global step count.
+      rng: the run's key; the step number is folded in for the augmentation.
+      mean: f32[C] per-channel mean of the training split.
+      std: f32[C] per-channel standard deviation.
+
+    Returns:
+      ``image`` f32[B, H, W, C] and ``label`` int32[B].
+    """
+    batch = data.take_batch(train_data, order[step % order.shape[0]])
+    augment_rng = jax.random.fold_in(rng, step)
+    batch['image'] = data.normalize(
+        data.augment(augment_rng, batch['image']), mean, std
+    )
+    return batch
+
+
+def compile_train_step(mesh: Mesh | None = None) -> Callable[..., Any]:
+    """The training loop's step as one compiled call.
+
+    It gathers, augments and normalizes the batch (`prepare_batch`), runs
+    `train_step` and adds the step's metrics to running totals on the device.
+
+    Args:
+      mesh: a mesh from `parallel.create_mesh`: the batch is split over its
+        devices and everything else is replicated (every argument should be
+        replicated with `parallel.replicate`). None: one device.
+
+    Returns:
+      ``step(state, totals, train_data, order, mean, std, penalty_config) ->
+      (state, totals, step_count)``, donating ``state`` and ``totals``.
+    """
 
     def fused_train_step(state, totals, train_data, order, mean, std, penalty_config):
-        rng = jax.random.fold_in(state.rng, state.step)
-        indices = order[state.step % steps_per_epoch]
-        batch = data.take_batch(train_data, indices)
-        batch['image'] = data.normalize(data.augment(rng, batch['image']), mean, std)
+        batch = prepare_batch(train_data, order, state.step, state.rng, mean, std)
+        if mesh is not None:
+            batch = parallel.constrain_batch(batch, mesh)
         state, metrics = train_step(state, batch, penalty_config)
         totals = jax.tree.map(jnp.add, totals, metrics)
         # A small output that is not donated: the host waits on it to pace the
         # progress bar without draining the device's queue.
         return state, totals, state.step
 
-    return jax.jit(fused_train_step, donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(fused_train_step, donate_argnums=(0, 1))
+    replicated = parallel.replicated_sharding(mesh)
+    return jax.jit(
+        fused_train_step,
+        in_shardings=replicated,
+        out_shardings=replicated,
+        donate_argnums=(0, 1),
+    )
 
 
-def _eval_batch(state, totals, batch, mean, std):
-    batch = dict(batch, image=data.normalize(batch['image'], mean, std))
-    metrics = eval_step(state, batch)
-    probabilities = metrics.pop('probabilities')
-    return jax.tree.map(jnp.add, totals, metrics), probabilities
+def compile_eval_batch(mesh: Mesh | None = None) -> Callable[..., Any]:
+    """Evaluation of one batch, added to running sums, as one compiled call.
+
+    Args:
+      mesh: as for `compile_train_step`; None for one device.
+
+    Returns:
+      ``eval_batch(state, totals, batch, mean, std) -> (totals, probabilities)``:
+      the batch (uint8 images with ``label`` and ``mask``, see
+      `data.eval_batches`) is normalized and evaluated with `eval_step`; its
+      ``loss_sum``, ``correct`` and ``count`` are added to ``totals``.
+    """
+
+    def eval_batch(state, totals, batch, mean, std):
+        if mesh is not None:
+            batch = parallel.constrain_batch(batch, mesh)
+        batch = dict(batch, image=data.normalize(batch['image'], mean, std))
+        metrics = eval_step(state, batch)
+        probabilities = metrics.pop('probabilities')
+        return jax.tree.map(jnp.add, totals, metrics), probabilities
+
+    if mesh is None:
+        return jax.jit(eval_batch)
+    return jax.jit(eval_batch, out_shardings=parallel.replicated_sharding(mesh))
 
 
 def _run_epoch(
@@ -403,9 +498,15 @@ def _run_epoch(
       on the eval split (on the device).
     """
     train, stats = run.datasets.train, run.datasets
-    order_rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed + 1), epoch)
-    order = data.epoch_permutation(order_rng, train.num_examples, run.config.batch_size)
-    totals = _zero_train_totals()
+    order, totals = parallel.replicate(
+        (
+            epoch_order(
+                run.config.seed, epoch, train.num_examples, run.config.batch_size
+            ),
+            _zero_train_totals(),
+        ),
+        run.mesh,
+    )
 
     start = time.perf_counter()
     in_flight = collections.deque()
@@ -442,11 +543,12 @@ def _zero_train_totals() -> Metrics:
 
 def _evaluate(run: _Run, state: TrainState) -> tuple[dict[str, float], jax.Array]:
     """Loss and accuracy on the eval split, and its softmax outputs (on device)."""
-    totals = {
+    zeros = {
         'loss_sum': jnp.zeros((), jnp.float32),
         'correct': jnp.zeros((), jnp.int32),
         'count': jnp.zeros((), jnp.int32),
     }
+    totals = parallel.replicate(zeros, run.mesh)
     probabilities = []
     batches = data.eval_batches(run.datasets.eval, run.config.eval_batch_size)
     for batch in batches:

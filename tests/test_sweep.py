@@ -47,7 +47,6 @@ def runs() -> dict:
         num_classes=NUM_CLASSES,
     )
     mean, std = data.channel_stats(train_data.images)
-    steps_per_epoch = NUM_EXAMPLES // BATCH_SIZE
     orders = sweep.epoch_orders(MEMBERS.seeds, 1, NUM_EXAMPLES, BATCH_SIZE)
     eval_batch = {
         'image': train_data.images[:8],
@@ -72,7 +71,7 @@ def runs() -> dict:
         name: jnp.zeros(MEMBERS.num_members, jnp.float32)
         for name in (*METRIC_NAMES, 'grad_norm')
     }
-    step = sweep.compile_train_step(steps_per_epoch)
+    step = sweep.compile_train_step()
     penalty_config = MEMBERS.penalty_config()
     for index in range(NUM_STEPS):
         state, totals, _ = step(
