@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from landscape_jax import config_validation, train
+from landscape_jax import config_validation, parallel, train
 
 # The exit status of a command given bad input, as for other command-line tools.
 USAGE_ERROR_EXIT_CODE = 2
@@ -48,6 +48,8 @@ def main(argv: list[str]) -> None:
             f'Unexpected arguments: {" ".join(argv[1:])}',
             exitcode=USAGE_ERROR_EXIT_CODE,
         )
+    # Before any other JAX call: joins the other processes of a multi-host run.
+    parallel.initialize_distributed()
     config, workdir = flags.FLAGS.config, _WORKDIR.value
     try:
         config_validation.validate_config(config)
