@@ -4,6 +4,7 @@ import json
 import math
 from typing import Any
 
+import jax
 from absl import logging
 from etils import epath
 from flax.metrics import tensorboard
@@ -34,12 +35,18 @@ class MetricWriter:
 
     def __init__(self, workdir: str, resume_after_epoch: int = 0):
         self._path = epath.Path(workdir) / METRICS_FILE
+        # In a multi-host run every process computes the same metrics; one writes.
+        self._writes = jax.process_index() == 0
+        if not self._writes:
+            return
         kept = [r for r in read_metrics(workdir) if r['epoch'] <= resume_after_epoch]
         self._path.write_text(''.join(json.dumps(record) + '\n' for record in kept))
         self._summary = tensorboard.SummaryWriter(str(workdir))
 
     def write(self, epoch: int, metrics: dict[str, float]) -> None:
         """Records the metrics of one epoch."""
+        if not self._writes:
+            return
         record = {'epoch': int(epoch), **metrics}
         with self._path.open('a') as file:
             file.write(json.dumps(record) + '\n')
@@ -52,7 +59,8 @@ class MetricWriter:
         logging.info('epoch %d: %s', epoch, shown)
 
     def close(self) -> None:
-        self._summary.close()
+        if self._writes:
+            self._summary.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
