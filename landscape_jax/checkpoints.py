@@ -80,7 +80,10 @@ class RunCheckpointer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._model_meta = dict(model_meta)
         _check_same_config(workdir, config, allow_config_change)
-        (self.workdir / CONFIG_FILE).write_text(config.to_json(indent=2))
+        # Written whole or not at all: a kill leaves the previous config.
+        partial = self.workdir / f'{CONFIG_FILE}.partial'
+        partial.write_text(config.to_json(indent=2))
+        partial.replace(self.workdir / CONFIG_FILE)
         self._states = ocp.CheckpointManager(
             self.workdir / CHECKPOINTS_DIR,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),

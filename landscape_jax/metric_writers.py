@@ -68,8 +68,18 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     path = epath.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise
+            # A run killed while appending leaves a partial last line; that
+            # epoch is recomputed when the run resumes.
+            logging.warning('Ignoring the partial last line of %s.', path)
+    return records
 
 
 def is_finite(metrics: dict[str, float]) -> bool:

@@ -179,3 +179,23 @@ def test_damaged_or_missing_snapshot_is_named(tmp_path, tiny_data_dir):
             path.write_bytes(b'damaged')
     with pytest.raises(checkpoints.DamagedSnapshotError, match=str(snapshot_dir)):
         checkpoints.load_snapshot(str(tmp_path), 1)
+
+
+def test_unfinished_saves_are_ignored_on_resume(tmp_path, tiny_data_dir):
+    config = _config(tiny_data_dir, num_epochs=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    finished = metric_writers.read_metrics(str(tmp_path))
+    # What a kill during the saves of epoch 3 leaves: orbax's temporary
+    # directory of the training state, and half a line of metrics.
+    unfinished = tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp-1234'
+    unfinished.mkdir()
+    (unfinished / 'params').write_bytes(b'partial')
+    with (tmp_path / 'metrics.jsonl').open('a') as file:
+        file.write('{"epoch": 3, "train_lo')
+
+    config.num_epochs = 3
+    train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+
+    records = metric_writers.read_metrics(str(tmp_path))
+    assert [r['epoch'] for r in records] == [1, 2, 3]
+    assert records[:2] == finished
