@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 
 # Several tests compile the same ResNet32 step; XLA on CPU takes seconds for each.
 # A persistent cache lets a computation compiled once be reused within the session.
@@ -51,3 +52,15 @@ def tiny_data_dir(tmp_path_factory) -> str:
         disable_shuffling=True,
     )
     return str(data_dir)
+
+
+def forget_config_overrides() -> None:
+    """Removes the `--config.*` flags that an earlier in-process parse defined.
+
+    ml_collections defines one flag per override when it parses a command line;
+    parsing another command line with the same override in the same process
+    would define it twice.
+    """
+    for name in list(flags.FLAGS):
+        if name.startswith('config.'):
+            delattr(flags.FLAGS, name)

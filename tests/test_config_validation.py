@@ -9,6 +9,7 @@ import subprocess
 import sys
 from unittest import mock
 
+import conftest
 import ml_collections
 import numpy as np
 import pytest
@@ -252,6 +253,7 @@ def command_line():
 
     def parse(*args: str) -> list[str]:
         argv = ['landscape_jax.main', *args]
+        conftest.forget_config_overrides()
         flags.FLAGS.unparse_flags()
         # ml_collections reads `--config.*` overrides from sys.argv.
         with mock.patch.object(sys, 'argv', argv):

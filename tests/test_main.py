@@ -5,6 +5,7 @@ import logging
 import sys
 from unittest import mock
 
+import conftest
 import jax
 import ml_collections
 import numpy as np
@@ -36,6 +37,7 @@ def _run_main(workdir, *overrides: str) -> None:
         '--config.distance.width=10',
         *overrides,
     ]
+    conftest.forget_config_overrides()
     flags.FLAGS.unparse_flags()
     with mock.patch.object(sys, 'argv', argv):
         remaining = flags.FLAGS(argv)
