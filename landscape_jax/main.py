@@ -15,7 +15,6 @@ import sys
 from typing import NoReturn
 
 import jax
-import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -55,6 +54,10 @@ def main(argv: list[str]) -> None:
         config_validation.validate_config(config)
         config_validation.validate_workdir(workdir, config)
         # tfds reads data through TensorFlow; keep it off the accelerators JAX uses.
+        # Imported only now, so that bad input is reported without TensorFlow's
+        # start-up notices on stderr.
+        import tensorflow as tf
+
         tf.config.set_visible_devices([], 'GPU')
         logging.info('JAX devices: %s', jax.devices())
         train.train_and_evaluate(

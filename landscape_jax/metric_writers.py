@@ -7,7 +7,6 @@ from typing import Any
 import jax
 from absl import logging
 from etils import epath
-from flax.metrics import tensorboard
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -41,6 +40,10 @@ class MetricWriter:
             return
         kept = [r for r in read_metrics(workdir) if r['epoch'] <= resume_after_epoch]
         self._path.write_text(''.join(json.dumps(record) + '\n' for record in kept))
+        # Imported here: it loads TensorFlow, whose start-up notices on stderr a
+        # command that ends on bad input should not print.
+        from flax.metrics import tensorboard
+
         self._summary = tensorboard.SummaryWriter(str(workdir))
 
     def write(self, epoch: int, metrics: dict[str, float]) -> None:
