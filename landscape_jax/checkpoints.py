@@ -14,6 +14,7 @@ with orbax alone; `load_snapshot` does that for this project's models.
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -76,7 +77,7 @@ class RunCheckpointer:
         max_to_keep: int = 2,
         allow_config_change: bool = False,
     ):
-        self.workdir = epath.Path(workdir)
+        self.workdir = run_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._model_meta = dict(model_meta)
         _check_same_config(workdir, config, allow_config_change)
@@ -141,9 +142,15 @@ class RunCheckpointer:
             manager.close()
 
 
+def run_path(workdir: str) -> epath.Path:
+    """The run directory as a path orbax accepts: relative ones made absolute."""
+    path = epath.Path(workdir)
+    return path if path.is_absolute() else epath.Path(os.path.abspath(workdir))
+
+
 def snapshot_epochs(workdir: str) -> list[int]:
     """The epochs of the snapshots saved in ``workdir``, oldest first."""
-    directory = epath.Path(workdir) / SNAPSHOTS_DIR
+    directory = run_path(workdir) / SNAPSHOTS_DIR
     if not directory.exists():
         return []
     with ocp.CheckpointManager(directory, options=READ_ONLY) as manager:
@@ -167,7 +174,7 @@ def load_snapshot(workdir: str, epoch: int) -> Snapshot:
       FileNotFoundError: if the run has no snapshot of ``epoch``.
       DamagedSnapshotError: if the snapshot's files cannot be restored.
     """
-    directory = epath.Path(workdir) / SNAPSHOTS_DIR
+    directory = run_path(workdir) / SNAPSHOTS_DIR
     saved_epochs = snapshot_epochs(workdir)
     if epoch not in saved_epochs:
         raise FileNotFoundError(

@@ -121,7 +121,7 @@ def load_final(workdir: str) -> checkpoints.Snapshot:
     Raises:
       FileNotFoundError: if ``workdir`` holds no training state or config.
     """
-    directory = epath.Path(workdir) / checkpoints.CHECKPOINTS_DIR
+    directory = checkpoints.run_path(workdir) / checkpoints.CHECKPOINTS_DIR
     config = checkpoints.read_config(workdir)
     if config is None or not directory.exists():
         raise FileNotFoundError(
@@ -578,7 +578,7 @@ def _prediction_accuracy(predictions: jax.Array, labels: jax.Array) -> jax.Array
 
 def _final_state_epoch(workdir: str) -> int | None:
     """The epoch of the latest training state, or None."""
-    directory = epath.Path(workdir) / checkpoints.CHECKPOINTS_DIR
+    directory = checkpoints.run_path(workdir) / checkpoints.CHECKPOINTS_DIR
     if not directory.exists():
         return None
     with ocp.CheckpointManager(directory, options=checkpoints.READ_ONLY) as manager:
@@ -604,7 +604,7 @@ def _predict_logits(
 
 def _snapshot_meta(workdir: str, epoch: int) -> dict[str, Any]:
     """Only the ``meta`` item of a snapshot."""
-    directory = epath.Path(workdir) / checkpoints.SNAPSHOTS_DIR
+    directory = checkpoints.run_path(workdir) / checkpoints.SNAPSHOTS_DIR
     with ocp.CheckpointManager(
         directory,
         options=checkpoints.READ_ONLY,

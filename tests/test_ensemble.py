@@ -235,6 +235,22 @@ def test_load_final_restores_the_trained_model(run):
     jax.tree.map(np.testing.assert_array_equal, final.variables, expected)
 
 
+def test_run_given_a_relative_workdir_saves_and_restores(
+    run, data_dir, tmp_path, monkeypatch
+):
+    # Orbax refuses relative paths; a run directory such as 'runs/x' is made
+    # absolute for it.
+    shutil.copytree(run['workdir'], tmp_path / 'run')
+    monkeypatch.chdir(tmp_path)
+
+    train.train_and_evaluate(
+        _config(data_dir, num_epochs=4), 'run', allow_config_change=True
+    )
+
+    assert list(ensemble.load_members('run')) == [1, 2, ensemble.FINAL]
+    assert ensemble.load_final('run').epoch == 4
+
+
 def test_members_written_on_another_device_restore_here(run, tmp_path):
     # Pretend the run was trained on a GPU: orbax records each array's device.
     workdir = tmp_path / 'run'
