@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Computation dtype: 'float32', or 'bfloat16' for mixed precision (parameters,
     # the penalty and the optimizer stay in float32).
     config.model.dtype = 'float32'
+    # How convolutions are differentiated: 'xla', 'matmul' (weight gradients as
+    # matrix products, faster on CPU) or 'auto' ('matmul' on CPU, else 'xla').
+    config.model.conv_impl = 'auto'
 
     config.data = ml_collections.ConfigDict()
     # Any tfds image-classification data set with `image` and `label` features.

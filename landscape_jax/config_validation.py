@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from landscape_jax import checkpoints, models, schedules
+from landscape_jax import checkpoints, conv, models, schedules
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -136,6 +136,7 @@ class _ConfigChecks:
 
         self._choice('model.name', models.MODEL_NAMES)
         self._choice('model.dtype', DTYPES)
+        self._choice('model.conv_impl', conv.CONV_IMPL_CHOICES)
 
         self._string('data.name')
         self._string('data.data_dir', optional=True)

@@ -1,4 +1,4 @@
-"""Image classifiers for the loss-landscape experiments: ResNet32 and MobileNetV2.
+"""Image classifiers for the loss-landscape experiments: CIFAR ResNets and MobileNetV2.
 
 Both models follow their usual CIFAR adaptations, take NHWC images of any
 spatial size and any number of channels (a global average pool precedes the
@@ -15,7 +15,13 @@ statistics in `batch_stats`. Call a model with `train=True` and
         variables, images, train=True, mutable=['batch_stats'])
 
 The `dtype` field of each model sets the computation dtype (for example
-`jnp.bfloat16`); parameters are always stored in float32.
+`jnp.bfloat16`); parameters are always stored in float32. The `conv_impl` field
+picks how convolutions are differentiated (see `landscape_jax.conv`): 'xla', or
+'matmul', whose weight gradient is a sum of matrix products and makes a training
+step on CPU faster; the values are the same either way.
+
+The study trains ResNet32 and MobileNetV2. ResNet8 and ResNet20 (the same
+network with one or three blocks per stage) are there for quick runs on a CPU.
 """
 
 import functools
@@ -26,12 +32,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-MODEL_NAMES = ('resnet32', 'mobilenetv2')
+from landscape_jax import conv
 
-# ResNet32 (He et al. 2016, CIFAR variant): (channels, first-block stride) per
-# stage, each stage holding RESNET32_BLOCKS_PER_STAGE basic blocks.
-RESNET32_STAGES = ((16, 1), (32, 2), (64, 2))
-RESNET32_BLOCKS_PER_STAGE = 5
+# CIFAR ResNets (He et al. 2016) by name: depth 6n + 2 has n blocks per stage.
+RESNET_DEPTHS = {'resnet8': 8, 'resnet20': 20, 'resnet32': 32}
+MODEL_NAMES = (*RESNET_DEPTHS, 'mobilenetv2')
+
+# (channels, first-block stride) of the three stages of a CIFAR ResNet.
+RESNET_STAGES = ((16, 1), (32, 2), (64, 2))
 
 # MobileNetV2 for CIFAR: (expansion, out_channels, num_blocks, first stride).
 MOBILENETV2_STAGES = (
@@ -66,7 +74,9 @@ _TORCH_DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(
 ModuleDef = Any
 
 
-def create_model(name: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, dtype: Any = jnp.float32, conv_impl: str = 'xla'
+) -> nn.Module:
     """Builds one of the models in `MODEL_NAMES`.
 
     Args:
@@ -74,18 +84,27 @@ def create_model(name: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Mo
         num_classes: number of output logits.
         dtype: computation dtype, e.g. `jnp.float32` or `jnp.bfloat16`;
             parameters stay float32 either way.
+        conv_impl: one of `conv.CONV_IMPLS`, how convolutions are
+            differentiated.
 
     Returns:
         An unbound flax module whose `__call__(x, train)` maps NHWC images to
         float32 logits of shape `[batch, num_classes]`.
 
     Raises:
-        ValueError: if `name` is not in `MODEL_NAMES`.
+        ValueError: if `name` is not in `MODEL_NAMES` or `conv_impl` not in
+            `conv.CONV_IMPLS`.
     """
-    if name == 'resnet32':
-        return ResNet32(num_classes=num_classes, dtype=dtype)
+    conv.select(conv_impl)  # Rejects an unknown implementation.
+    if name in RESNET_DEPTHS:
+        return ResNet(
+            depth=RESNET_DEPTHS[name],
+            num_classes=num_classes,
+            dtype=dtype,
+            conv_impl=conv_impl,
+        )
     if name == 'mobilenetv2':
-        return MobileNetV2(num_classes=num_classes, dtype=dtype)
+        return MobileNetV2(num_classes=num_classes, dtype=dtype, conv_impl=conv_impl)
     raise ValueError(f'model.name must be one of {MODEL_NAMES}, got {name!r}.')
 
 
@@ -128,16 +147,18 @@ class BasicBlock(nn.Module):
             channels the shortcut is `option_a_shortcut`, otherwise identity.
         norm: batch-norm constructor taking a `name`.
         dtype: computation dtype; parameters are float32.
+        conv_impl: one of `conv.CONV_IMPLS`.
     """
 
     channels: int
     stride: int
     norm: ModuleDef
     dtype: Any = jnp.float32
+    conv_impl: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = _conv_def(self.dtype, _KAIMING_NORMAL)
+        conv = _conv_def(self.dtype, _KAIMING_NORMAL, self.conv_impl)
 
         y = conv(
             self.channels, (3, 3), strides=self.stride, padding=_PAD_3X3, name='conv1'
@@ -151,35 +172,46 @@ class BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
-class ResNet32(nn.Module):
-    """ResNet32 for CIFAR (He et al. 2016) with parameter-free option-A shortcuts.
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016) with parameter-free option-A shortcuts.
 
-    464,154 trainable parameters for 10 classes and 3 input channels.
+    A 3x3 stem with 16 channels, three stages of (depth − 2) / 6 basic blocks
+    with 16, 32 and 64 channels (`RESNET_STAGES`), global average pooling and a
+    dense classifier. ResNet32 (the default depth) has 464,154 trainable
+    parameters for 10 classes and 3 input channels, ResNet8 75,290.
 
     Attributes:
         num_classes: number of output logits.
+        depth: 6n + 2 layers with weights, n >= 1.
         dtype: computation dtype; parameters are float32.
+        conv_impl: one of `conv.CONV_IMPLS`.
     """
 
     num_classes: int = 10
+    depth: int = 32
     dtype: Any = jnp.float32
+    conv_impl: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Maps NHWC images `[batch, height, width, channels]` to f32 logits."""
+        blocks_per_stage, remainder = divmod(self.depth - 2, 6)
+        if remainder or blocks_per_stage < 1:
+            raise ValueError(f'depth must be 6n + 2 with n >= 1, got {self.depth}.')
         norm = _norm_def(train, self.dtype)
-        conv = _conv_def(self.dtype, _KAIMING_NORMAL)
+        conv = _conv_def(self.dtype, _KAIMING_NORMAL, self.conv_impl)
 
         x = conv(16, (3, 3), padding=_PAD_3X3, name='stem_conv')(x.astype(self.dtype))
         x = nn.relu(norm(name='stem_bn')(x))
 
-        for stage, (channels, first_stride) in enumerate(RESNET32_STAGES, start=1):
-            for block in range(1, RESNET32_BLOCKS_PER_STAGE + 1):
+        for stage, (channels, first_stride) in enumerate(RESNET_STAGES, start=1):
+            for block in range(1, blocks_per_stage + 1):
                 x = BasicBlock(
                     channels=channels,
                     stride=first_stride if block == 1 else 1,
                     norm=norm,
                     dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name=f'stage{stage}_block{block}',
                 )(x)
 
@@ -205,6 +237,8 @@ class InvertedResidual(nn.Module):
         stride: stride of the depthwise convolution.
         norm: batch-norm constructor taking a `name`.
         dtype: computation dtype; parameters are float32.
+        conv_impl: one of `conv.CONV_IMPLS` (depthwise convolutions always use
+            XLA's).
     """
 
     expansion: int
@@ -212,10 +246,11 @@ class InvertedResidual(nn.Module):
     stride: int
     norm: ModuleDef
     dtype: Any = jnp.float32
+    conv_impl: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = _conv_def(self.dtype, _TORCH_DEFAULT_KERNEL_INIT)
+        conv = _conv_def(self.dtype, _TORCH_DEFAULT_KERNEL_INIT, self.conv_impl)
         hidden = self.expansion * x.shape[-1]
 
         y = conv(hidden, (1, 1), name='expand_conv')(x)
@@ -251,16 +286,18 @@ class MobileNetV2(nn.Module):
     Attributes:
         num_classes: number of output logits.
         dtype: computation dtype; parameters are float32.
+        conv_impl: one of `conv.CONV_IMPLS`.
     """
 
     num_classes: int = 10
     dtype: Any = jnp.float32
+    conv_impl: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Maps NHWC images `[batch, height, width, channels]` to f32 logits."""
         norm = _norm_def(train, self.dtype)
-        conv = _conv_def(self.dtype, _TORCH_DEFAULT_KERNEL_INIT)
+        conv = _conv_def(self.dtype, _TORCH_DEFAULT_KERNEL_INIT, self.conv_impl)
 
         x = conv(MOBILENETV2_STEM_CHANNELS, (3, 3), padding=_PAD_3X3, name='stem_conv')(
             x.astype(self.dtype)
@@ -277,6 +314,7 @@ class MobileNetV2(nn.Module):
                     stride=first_stride if block == 1 else 1,
                     norm=norm,
                     dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name=f'stage{stage}_block{block}',
                 )(x)
 
@@ -304,8 +342,12 @@ def _norm_def(train: bool, dtype: Any) -> ModuleDef:
     )
 
 
-def _conv_def(dtype: Any, kernel_init: Callable) -> ModuleDef:
+def _conv_def(dtype: Any, kernel_init: Callable, conv_impl: str) -> ModuleDef:
     """Bias-free convolution in the computation dtype with the given init."""
     return functools.partial(
-        nn.Conv, use_bias=False, dtype=dtype, kernel_init=kernel_init
+        nn.Conv,
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=kernel_init,
+        conv_general_dilated=conv.select(conv_impl),
     )

@@ -43,6 +43,7 @@ BAD_VALUES = [
     ('model.name', 'vgg'),
     ('model.name', None),
     ('model.dtype', 'float16'),
+    ('model.conv_impl', 'cudnn'),
     ('data.name', ''),
     ('data.name', 3),
     ('data.data_dir', ''),

@@ -18,8 +18,16 @@ import pytest
 
 from landscape_jax import models
 
-# Published sizes of the CIFAR variants for 10 classes and 3 input channels.
-EXPECTED_PARAMS = {'resnet32': 464_154, 'mobilenetv2': 2_296_922}
+# Sizes for 10 classes and 3 input channels: the published ones of ResNet32 and
+# MobileNetV2; ResNet8 and ResNet20 from the by-hand tally below.
+EXPECTED_PARAMS = {
+    'resnet8': 75_290,
+    'resnet20': 269_722,
+    'resnet32': 464_154,
+    'mobilenetv2': 2_296_922,
+}
+# The models the study trains, compiled and run below; the others are traced.
+STUDY_MODELS = ('resnet32', 'mobilenetv2')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +40,7 @@ class Initialised:
     train: Callable  # (variables, images) -> (logits, {'batch_stats': ...}).
 
 
-@pytest.fixture(scope='module', params=models.MODEL_NAMES)
+@pytest.fixture(scope='module', params=STUDY_MODELS)
 def initialised(request) -> Initialised:
     model = models.create_model(request.param, num_classes=10)
     # The 'rbg' generator compiles several times faster on CPU than threefry.
@@ -71,27 +79,37 @@ def test_parameter_count_excludes_batch_stats(name):
     )
 
 
-def test_resnet32_parameter_count_by_hand():
-    # Independent tally: stem, 15 basic blocks, classifier; BN has scale + bias.
+@pytest.mark.parametrize(
+    'depth, name', [(8, 'resnet8'), (20, 'resnet20'), (32, 'resnet32')]
+)
+def test_resnet_parameter_count_by_hand(depth, name):
+    # Independent tally: stem, 3 stages of (depth - 2) / 6 basic blocks,
+    # classifier; BN has scale + bias.
     def conv_bn(c_in, c_out):
         return 9 * c_in * c_out + 2 * c_out
 
     expected = conv_bn(3, 16) + (64 * 10 + 10)
     c_in = 16
     for channels in (16, 32, 64):
-        for _ in range(5):
+        for _ in range((depth - 2) // 6):
             expected += conv_bn(c_in, channels) + conv_bn(channels, channels)
             c_in = channels
-    variables = _abstract_variables(models.ResNet32(), (1, 32, 32, 3))
+    variables = _abstract_variables(models.ResNet(depth=depth), (1, 32, 32, 3))
 
-    assert _count(variables['params']) == expected == 464_154
+    assert _count(variables['params']) == expected == EXPECTED_PARAMS[name]
+
+
+@pytest.mark.parametrize('depth', [0, 7, 9])
+def test_resnet_rejects_depth_not_6n_plus_2(depth):
+    with pytest.raises(ValueError, match=f'depth must be 6n \\+ 2.*got {depth}'):
+        _abstract_variables(models.ResNet(depth=depth), (1, 8, 8, 3))
 
 
 def test_kernel_init_scale(initialised):
     # ResNet32: Kaiming normal, variance 2 / fan_in, not truncated at 2 std.
     # MobileNetV2: PyTorch's default, uniform with variance 1 / (3 fan_in).
     params = initialised.variables['params']
-    if isinstance(initialised.model, models.ResNet32):
+    if isinstance(initialised.model, models.ResNet):
         kernel = params['stage3_block2']['conv1']['kernel']
         fan_in, std = 3 * 3 * 64, np.sqrt(2 / 576)
         largest = (3 * std, 6 * std)
@@ -234,10 +252,49 @@ def test_create_model_builds_each_name():
     resnet = models.create_model('resnet32', 100, dtype=jnp.bfloat16)
     mobilenet = models.create_model('mobilenetv2', 10)
 
-    assert isinstance(resnet, models.ResNet32)
-    assert (resnet.num_classes, resnet.dtype) == (100, jnp.bfloat16)
+    assert isinstance(resnet, models.ResNet)
+    assert (resnet.num_classes, resnet.depth, resnet.dtype) == (100, 32, jnp.bfloat16)
+    assert resnet.conv_impl == 'xla'
     assert isinstance(mobilenet, models.MobileNetV2)
     assert (mobilenet.num_classes, mobilenet.dtype) == (10, jnp.float32)
+
+
+def test_create_model_passes_conv_impl():
+    resnet = models.create_model('resnet8', 10, conv_impl='matmul')
+    mobilenet = models.create_model('mobilenetv2', 10, conv_impl='matmul')
+
+    assert resnet.depth == 8
+    assert resnet.conv_impl == mobilenet.conv_impl == 'matmul'
+    with pytest.raises(ValueError, match="conv_impl must be one of.*'cudnn'"):
+        models.create_model('resnet8', 10, conv_impl='cudnn')
+
+
+def test_matmul_convolutions_give_the_same_loss_and_gradients():
+    # The whole model in training mode, batch norm and shortcuts included.
+    images, labels = _images((4, 8, 8, 3)), jnp.arange(4) % 10
+    grads = {}
+    for conv_impl in ('xla', 'matmul'):
+        model = models.create_model('resnet8', 10, conv_impl=conv_impl)
+        variables = model.init(jax.random.key(0), images, train=False)
+
+        def loss(params, model=model, variables=variables):
+            logits, _ = model.apply(
+                {**variables, 'params': params},
+                images,
+                train=True,
+                mutable=['batch_stats'],
+            )
+            log_probs = jax.nn.log_softmax(logits)
+            return -jnp.mean(log_probs[jnp.arange(4), labels])
+
+        grads[conv_impl] = jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+    (loss_xla, grad_xla), (loss_matmul, grad_matmul) = grads.values()
+    np.testing.assert_allclose(loss_matmul, loss_xla, rtol=1e-5)
+    for got, want in zip(
+        jax.tree.leaves(grad_matmul), jax.tree.leaves(grad_xla), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
 def test_create_model_rejects_unknown_name():
