@@ -23,13 +23,20 @@ member axis M) and `jax.vmap` maps `train.train_step` over that axis:
 Each member's step equals its own run's step up to float rounding: vmapped
 convolutions are grouped convolutions, which XLA may sum in another order.
 
-Example:
+`train_and_evaluate_sweep` is the whole sweep: it writes into each member's run
+directory what ``train.train_and_evaluate`` writes there, so that every member can
+be read, evaluated, resumed or extended as a run of its own. A sweep runs on one
+device.
+
+    train_and_evaluate_sweep(configs, ['runs/s1', 'runs/s10', 'runs/s100'])
+
+Its pieces, for a loop of one's own:
 
     members = members_from_configs(configs)
     schedule = schedules.create_schedule(configs[0], steps_per_epoch)
     state = create_sweep_state(members, model, image_shape, schedule,
                                momentum=0.9, num_anchor_slots=1)
-    step = compile_train_step(steps_per_epoch)
+    step = compile_train_step()
     orders = epoch_orders(members.seeds, epoch, num_examples, batch_size)
     state, totals, _ = step(state, totals, datasets.train, orders, datasets.mean,
                             datasets.std, members.penalty_config())
@@ -39,6 +46,8 @@ Example:
 import dataclasses
 import math
 import numbers
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,9 +55,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import linen as nn
 
-from landscape_jax import data, optim, train
+from landscape_jax import (
+    checkpoints,
+    config_validation,
+    data,
+    metric_writers,
+    optim,
+    schedules,
+    train,
+)
 
 Metrics = dict[str, jax.Array]
 
@@ -239,7 +259,7 @@ def create_sweep_state(
         )
         for seed in members.seeds
     ]
-    state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    state = _stack(states)
     hyperparams = {
         'learning_rate_scale': jnp.asarray(members.learning_rate_scales, jnp.float32),
         'weight_decay': jnp.asarray(members.weight_decays, jnp.float32),
@@ -365,6 +385,394 @@ def compile_eval_batch() -> Callable[..., tuple[Metrics, Metrics]]:
         return totals, results
 
     return jax.jit(eval_batch)
+
+
+def train_and_evaluate_sweep(
+    configs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[str | os.PathLike[str]],
+    *,
+    allow_config_change: bool = False,
+) -> list[train.TrainState]:
+    """Trains the runs of ``configs`` as one vmapped program, each in its workdir.
+
+    Member m writes into ``workdirs[m]`` what ``train.train_and_evaluate(configs[m],
+    workdirs[m])`` writes there: ``config.json``; per epoch one line of
+    ``metrics.jsonl`` with the same metrics, and TensorBoard events; a snapshot at
+    the end of each anchor epoch (before the anchor is stored) and of each cosine
+    cycle; and after each epoch its training state, saved as the state of a single
+    run. So `ensemble.load_snapshots` reads a member's snapshots, and
+    ``train.train_and_evaluate`` resumes or extends a member on its own. The
+    numbers equal those of the member's own run up to float rounding (see the
+    module docstring), except ``epoch_time`` and ``eval_time``: those are the
+    wall times of the whole sweep's epoch and evaluation, the same for every
+    member.
+
+    The sweep runs on one device, the default one: unlike
+    ``train.train_and_evaluate`` it does not split batches over a mesh.
+
+    A rerun resumes: when every workdir holds a training state of the same epoch,
+    all members continue from it; when none holds one, the sweep starts afresh.
+
+    Args:
+      configs: one configuration per member; they may differ only in
+        `SWEEPABLE_FIELDS` (see `members_from_configs`).
+      workdirs: the run directory of each member, all distinct; created if
+        missing.
+      allow_config_change: continue members whose workdir was made with a
+        different configuration, as for ``train.train_and_evaluate``.
+
+    Returns:
+      The final training state of each member, as its own run returns it (with
+      the member's own optimizer, see `unstack`).
+
+    Raises:
+      ValueError: if a config is invalid, the configs differ in a field that is
+        not sweepable, ``workdirs`` does not hold one distinct directory per
+        config, or some workdirs hold a training state and others none or one of
+        another epoch.
+      FloatingPointError: if the metrics of a member are not finite after an
+        epoch. Nothing of that epoch is saved for any member; every workdir
+        keeps its state of the epoch before and its snapshots.
+    """
+    workdirs = [os.fspath(workdir) for workdir in workdirs]
+    _check_workdirs(configs, workdirs)
+    for config in configs:
+        config_validation.validate_config(config)
+    members = members_from_configs(configs)
+    for config, workdir in zip(configs, workdirs, strict=True):
+        config_validation.validate_workdir(workdir, config)
+
+    sweep = _setup(list(configs), workdirs, members, allow_config_change)
+    state, start_epoch = sweep.state, sweep.start_epoch
+    if start_epoch:
+        logging.info(
+            'Resuming %d members after epoch %d.', members.num_members, start_epoch
+        )
+    for epoch in sorted(e for e in sweep.snapshot_epochs if e <= start_epoch):
+        snapshots = [checkpoints.load_snapshot(workdir, epoch) for workdir in workdirs]
+        variables = _stack([snapshot.variables for snapshot in snapshots])
+        _, probabilities = _evaluate(sweep, state.replace(**variables))
+        sweep.ensemble.add(probabilities)
+
+    for epoch in range(start_epoch + 1, sweep.config.num_epochs + 1):
+        state, member_metrics, probabilities = _run_epoch(sweep, state, epoch)
+        _check_finite(sweep, member_metrics, epoch)
+        is_snapshot = epoch in sweep.snapshot_epochs
+        if is_snapshot:
+            for index, checkpointer in enumerate(sweep.checkpointers):
+                checkpointer.save_snapshot(epoch, unstack(state, index))
+            sweep.ensemble.add(probabilities)
+        ensemble_accuracy = jax.device_get(
+            sweep.ensemble.accuracy(probabilities, is_snapshot)
+        )
+        if epoch in sweep.anchor_epochs:
+            state = sweep.store_anchor(state)
+        distances, active = jax.device_get((anchor_distances(state), state.anchor_mask))
+
+        for index, metrics in enumerate(member_metrics):
+            if ensemble_accuracy is not None:
+                metrics['ensemble_accuracy'] = float(ensemble_accuracy[index])
+            metrics.update(train.anchor_metrics(distances[index], active[index]))
+            sweep.writers[index].write(epoch, metrics)
+            sweep.checkpointers[index].save_state(
+                epoch, sweep.member_state(state, index)
+            )
+
+    sweep.close()
+    return [sweep.member_state(state, index) for index in range(members.num_members)]
+
+
+@dataclasses.dataclass
+class _Sweep:
+    """Everything a sweep sets up once before its first epoch.
+
+    ``config`` is the first member's, for the fields all members share.
+    ``member_schedules`` and ``member_optimizers`` are each member's own, as its
+    single run builds them: the first gives the learning rate it logs, the second
+    the optimizer of the training state it saves.
+    """
+
+    config: ml_collections.ConfigDict
+    members: Members
+    datasets: data.Datasets
+    state: train.TrainState
+    start_epoch: int
+    steps_per_epoch: int
+    member_schedules: list[optax.Schedule]
+    member_optimizers: list[optax.GradientTransformation]
+    anchor_epochs: frozenset[int]
+    snapshot_epochs: frozenset[int]
+    penalty_config: train.PenaltyConfig
+    train_step: Any
+    eval_batch: Any
+    store_anchor: Any
+    workdirs: list[str]
+    checkpointers: list[checkpoints.RunCheckpointer]
+    writers: list[metric_writers.MetricWriter]
+    ensemble: train.SnapshotEnsemble
+
+    def member_state(self, state: train.TrainState, index: int) -> train.TrainState:
+        """Member ``index`` of ``state`` as the state of its own run."""
+        return unstack(state, index, optimizer=self.member_optimizers[index])
+
+    def close(self) -> None:
+        """Waits for pending writes and closes every member's files."""
+        for checkpointer in self.checkpointers:
+            checkpointer.close()
+        for writer in self.writers:
+            writer.close()
+
+
+def _check_workdirs(
+    configs: Sequence[ml_collections.ConfigDict], workdirs: list[str]
+) -> None:
+    """Raises ValueError unless ``workdirs`` holds one distinct path per config."""
+    if len(workdirs) != len(configs):
+        raise ValueError(
+            f'workdirs must hold one run directory per config, got {len(workdirs)} '
+            f'workdirs for {len(configs)} configs.'
+        )
+    first_index = {}
+    for index, workdir in enumerate(workdirs):
+        key = os.path.abspath(workdir)
+        if key in first_index:
+            raise ValueError(
+                f'workdirs must be distinct, got workdirs[{first_index[key]}] and '
+                f'workdirs[{index}] both {workdir!r}.'
+            )
+        first_index[key] = index
+
+
+def _setup(
+    configs: list[ml_collections.ConfigDict],
+    workdirs: list[str],
+    members: Members,
+    allow_config_change: bool,
+) -> _Sweep:
+    """Loads data, builds the model and the stacked state, and restores a resume."""
+    start_epoch = _common_start_epoch(workdirs)
+    config = configs[0]
+    anchor_epochs = tuple(int(epoch) for epoch in config.distance.anchor_epochs)
+    datasets, steps_per_epoch = train.load_data(config)
+    model, model_meta = train.build_model(config, datasets)
+    state = create_sweep_state(
+        members,
+        model,
+        tuple(model_meta['image_shape']),
+        schedules.create_schedule(config, steps_per_epoch),
+        config.optimizer.momentum,
+        num_anchor_slots=len(anchor_epochs),
+    )
+    member_optimizers = [
+        optim.create_optimizer(member_config, steps_per_epoch)
+        for member_config in configs
+    ]
+    checkpointers = [
+        checkpoints.RunCheckpointer(
+            workdir,
+            member_config,
+            model_meta,
+            max_to_keep=member_config.checkpoints_to_keep,
+            allow_config_change=allow_config_change,
+        )
+        for member_config, workdir in zip(configs, workdirs, strict=True)
+    ]
+    if start_epoch:
+        state = _restore(state, checkpointers, member_optimizers, start_epoch)
+    writers = [
+        metric_writers.MetricWriter(workdir, resume_after_epoch=start_epoch)
+        for workdir in workdirs
+    ]
+    for index, workdir in enumerate(workdirs):
+        logging.info('Sweep member %d writes to %s.', index, workdir)
+
+    compiled_eval_batch = compile_eval_batch()
+
+    def eval_batch(*args):
+        totals, outputs = compiled_eval_batch(*args)
+        return totals, outputs['probabilities']
+
+    return _Sweep(
+        config=config,
+        members=members,
+        datasets=datasets,
+        state=state,
+        start_epoch=start_epoch,
+        steps_per_epoch=steps_per_epoch,
+        member_schedules=[
+            schedules.create_schedule(member_config, steps_per_epoch)
+            for member_config in configs
+        ],
+        member_optimizers=member_optimizers,
+        anchor_epochs=frozenset(anchor_epochs),
+        snapshot_epochs=train.planned_snapshot_epochs(config),
+        penalty_config=members.penalty_config(),
+        train_step=compile_train_step(),
+        eval_batch=eval_batch,
+        store_anchor=jax.jit(store_anchor, donate_argnums=0),
+        workdirs=workdirs,
+        checkpointers=checkpointers,
+        writers=writers,
+        ensemble=train.SnapshotEnsemble(datasets.eval.labels),
+    )
+
+
+def _common_start_epoch(workdirs: list[str]) -> int:
+    """The epoch of the training state that every workdir holds; 0 if none holds one.
+
+    Raises:
+      ValueError: if some workdirs hold a state and others none, or states of
+        different epochs.
+    """
+    epochs = [_saved_state_epoch(workdir) for workdir in workdirs]
+    if len(set(epochs)) > 1:
+        held = ', '.join(
+            f'{workdir!r} ' + ('none' if epoch is None else f'epoch {epoch}')
+            for workdir, epoch in zip(workdirs, epochs, strict=True)
+        )
+        raise ValueError(
+            'A sweep resumes only when every workdir holds a training state of the '
+            f'same epoch, or starts afresh when none holds one; the workdirs hold '
+            f'states of: {held}. Use new workdirs, or bring the runs to one epoch '
+            'with train.train_and_evaluate.'
+        )
+    return epochs[0] or 0
+
+
+def _saved_state_epoch(workdir: str) -> int | None:
+    """The epoch of the latest training state saved in ``workdir``, or None."""
+    directory = epath.Path(workdir) / checkpoints.CHECKPOINTS_DIR
+    if not directory.exists():
+        return None
+    with ocp.CheckpointManager(directory, options=checkpoints.READ_ONLY) as manager:
+        epoch = manager.latest_step()
+    return None if epoch is None else int(epoch)
+
+
+def _restore(
+    state: train.TrainState,
+    checkpointers: list[checkpoints.RunCheckpointer],
+    member_optimizers: list[optax.GradientTransformation],
+    start_epoch: int,
+) -> train.TrainState:
+    """The stacked state from each member's saved state of ``start_epoch``."""
+    restored = []
+    for index, (checkpointer, optimizer) in enumerate(
+        zip(checkpointers, member_optimizers, strict=True)
+    ):
+        member, epoch = checkpointer.restore_state(
+            unstack(state, index, optimizer=optimizer)
+        )
+        if epoch != start_epoch:
+            raise ValueError(
+                f'workdir {str(checkpointer.workdir)!r} changed while the sweep '
+                f'started: its training state is of epoch {epoch}, not '
+                f'{start_epoch}.'
+            )
+        restored.append(member)
+    # The members' optimizers differ, and with them the static part of their
+    # states: only the arrays are stacked, the optimizer's inner state among them.
+    arrays = {
+        name: _stack([getattr(member, name) for member in restored])
+        for name in ('step', 'params', 'batch_stats', 'anchors', 'anchor_mask', 'rng')
+    }
+    # A buffer of its own: the step is donated to the next step with the state.
+    opt_state = state.opt_state._replace(
+        count=jnp.copy(arrays['step']),
+        inner_state=_stack([member.opt_state for member in restored]),
+    )
+    return state.replace(**arrays, opt_state=opt_state)
+
+
+def _run_epoch(
+    sweep: _Sweep, state: train.TrainState, epoch: int
+) -> tuple[train.TrainState, list[dict[str, float]], jax.Array]:
+    """Trains every member for one epoch and evaluates them.
+
+    Returns:
+      The new stacked state, each member's metrics of the epoch (on the host) and
+      the softmax outputs f32[M, N, num_classes] on the eval split (on the device).
+    """
+    train_data, num_members = sweep.datasets.train, sweep.members.num_members
+    orders = epoch_orders(
+        sweep.members.seeds, epoch, train_data.num_examples, sweep.config.batch_size
+    )
+    totals = {
+        name: jnp.zeros((num_members,), jnp.float32) for name in train.TRAIN_METRICS
+    }
+    step_args = (
+        train_data,
+        orders,
+        sweep.datasets.mean,
+        sweep.datasets.std,
+        sweep.penalty_config,
+    )
+    state, totals, epoch_time = train.run_train_steps(
+        sweep.train_step,
+        state,
+        totals,
+        step_args,
+        sweep.steps_per_epoch,
+        f'epoch {epoch}, {num_members} members',
+    )
+
+    eval_start = time.perf_counter()
+    eval_metrics, probabilities = _evaluate(sweep, state)
+    eval_time = time.perf_counter() - eval_start
+    first_step = (epoch - 1) * sweep.steps_per_epoch
+    member_metrics = []
+    for index in range(num_members):
+        metrics = {
+            name: float(value[index]) / sweep.steps_per_epoch
+            for name, value in totals.items()
+        }
+        metrics.update(
+            {name: float(value[index]) for name, value in eval_metrics.items()}
+        )
+        metrics['learning_rate'] = float(sweep.member_schedules[index](first_step))
+        metrics['epoch_time'] = epoch_time
+        metrics['eval_time'] = eval_time
+        member_metrics.append(metrics)
+    return state, member_metrics, probabilities
+
+
+def _evaluate(sweep: _Sweep, state: train.TrainState) -> tuple[dict, jax.Array]:
+    """Every member's eval loss and accuracy, f64[M], and outputs on the device."""
+    return train.evaluate_split(
+        sweep.eval_batch,
+        state,
+        sweep.datasets,
+        sweep.config.eval_batch_size,
+        num_members=sweep.members.num_members,
+    )
+
+
+def _check_finite(
+    sweep: _Sweep, member_metrics: list[dict[str, float]], epoch: int
+) -> None:
+    """Closes the sweep and raises FloatingPointError if a member diverged."""
+    diverged = [
+        index
+        for index, metrics in enumerate(member_metrics)
+        if not metric_writers.is_finite(metrics)
+    ]
+    if not diverged:
+        return
+    sweep.close()
+    details = '; '.join(
+        f'member {index} (workdir {sweep.workdirs[index]!r}): {member_metrics[index]}'
+        for index in diverged
+    )
+    raise FloatingPointError(
+        f'Training diverged in epoch {epoch}: {details}. Nothing of epoch {epoch} '
+        f'was saved for any member; the states saved after epoch {epoch - 1} and '
+        'all snapshots are kept in every workdir of the sweep.'
+    )
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    """Pytrees of one structure as one, each leaf gaining a leading member axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _scaled_sgd_coupled_l2(

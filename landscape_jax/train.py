@@ -4,7 +4,10 @@ The pure functions (`create_train_state`, `train_step`, `eval_step`) are what a
 notebook composes; `train_and_evaluate` is the whole run behind the main command.
 The run keeps both data splits on the device, runs each step as one compiled call
 that gathers, augments and normalizes its batch, and accumulates the step metrics on
-the device, so that the host waits for the device once per epoch.
+the device, so that the host waits for the device once per epoch. The pieces of its
+loop that do not depend on how many runs train at once (`load_data`, `build_model`,
+`planned_snapshot_epochs`, `run_train_steps`, `evaluate_split`, `SnapshotEnsemble`,
+`anchor_metrics`) are shared with the vectorized sweep of `landscape_jax.sweep`.
 """
 
 import collections
@@ -17,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from flax import linen as nn
@@ -28,6 +32,7 @@ from tqdm import auto as tqdm
 from landscape_jax import (
     checkpoints,
     config_validation,
+    conv,
     data,
     distance,
     ensemble,
@@ -40,6 +45,16 @@ from landscape_jax import (
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
+
+# The metrics of `train_step`, summed over the steps of an epoch by the loop.
+TRAIN_METRICS = (
+    'train_loss',
+    'penalty',
+    'l2',
+    'objective',
+    'train_accuracy',
+    'grad_norm',
+)
 
 # How many steps the host may dispatch ahead of the device. Enough to keep the
 # device busy; few enough that the progress bar shows finished steps.
@@ -271,10 +286,11 @@ def train_and_evaluate(
             run.ensemble.add(probabilities)
         ensemble_accuracy = run.ensemble.accuracy(probabilities, is_snapshot)
         if ensemble_accuracy is not None:
-            epoch_metrics['ensemble_accuracy'] = ensemble_accuracy
+            epoch_metrics['ensemble_accuracy'] = float(ensemble_accuracy)
         if epoch in run.anchor_epochs:
             state = run.store_anchor(state)
-        epoch_metrics.update(_anchor_metrics(state))
+        distances, active = jax.device_get((anchor_distances(state), state.anchor_mask))
+        epoch_metrics.update(anchor_metrics(distances, active))
         run.writer.write(epoch, epoch_metrics)
         run.checkpointer.save_state(epoch, state)
 
@@ -302,7 +318,7 @@ class _Run:
     store_anchor: Any
     checkpointer: checkpoints.RunCheckpointer
     writer: metric_writers.MetricWriter
-    ensemble: '_SnapshotEnsemble'
+    ensemble: 'SnapshotEnsemble'
 
 
 def _setup(
@@ -310,36 +326,17 @@ def _setup(
 ) -> _Run:
     """Loads data, builds the model, optimizer and state, and restores a resume."""
     anchor_epochs = tuple(int(epoch) for epoch in config.distance.anchor_epochs)
-    datasets = data.load_datasets(config.data)
-    steps_per_epoch = datasets.train.num_examples // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f'batch_size={config.batch_size} is larger than the '
-            f'{datasets.train.num_examples} training examples; '
-            'it must be at most the size of data.train_split.'
-        )
-
-    image_shape = tuple(datasets.train.images.shape[1:])
-    model = models.create_model(
-        config.model.name,
-        datasets.train.num_classes,
-        dtype=jnp.dtype(config.model.dtype),
-    )
+    datasets, steps_per_epoch = load_data(config)
+    model, model_meta = build_model(config, datasets)
     schedule = schedules.create_schedule(config, steps_per_epoch)
     optimizer = optim.create_optimizer(config, steps_per_epoch)
     state = create_train_state(
         jax.random.PRNGKey(config.seed),
         model,
-        image_shape,
+        tuple(model_meta['image_shape']),
         optimizer,
         num_anchor_slots=len(anchor_epochs),
     )
-    model_meta = {
-        'model': config.model.name,
-        'dtype': config.model.dtype,
-        'num_classes': datasets.train.num_classes,
-        'image_shape': list(image_shape),
-    }
     checkpointer = checkpoints.RunCheckpointer(
         workdir,
         config,
@@ -359,8 +356,6 @@ def _setup(
     )
     datasets = data.Datasets(train=train_data, eval=eval_data, mean=mean, std=std)
 
-    snapshot_epochs = set(anchor_epochs)
-    snapshot_epochs.update(schedules.cycle_end_epochs(config, config.num_epochs))
     penalty_config = PenaltyConfig(
         strength=float(config.distance.strength),
         width=float(config.distance.width),
@@ -374,7 +369,7 @@ def _setup(
         steps_per_epoch=steps_per_epoch,
         schedule=schedule,
         anchor_epochs=frozenset(anchor_epochs),
-        snapshot_epochs=frozenset(snapshot_epochs),
+        snapshot_epochs=planned_snapshot_epochs(config),
         penalty_config=penalty_config,
         mesh=mesh,
         train_step=compile_train_step(mesh),
@@ -382,8 +377,75 @@ def _setup(
         store_anchor=jax.jit(store_anchor, donate_argnums=0),
         checkpointer=checkpointer,
         writer=writer,
-        ensemble=_SnapshotEnsemble(datasets.eval.labels),
+        ensemble=SnapshotEnsemble(datasets.eval.labels),
     )
+
+
+def load_data(config: ml_collections.ConfigDict) -> tuple[data.Datasets, int]:
+    """Loads a run's data splits onto the default device.
+
+    Args:
+      config: the run's configuration; reads ``config.data`` and
+        ``config.batch_size``.
+
+    Returns:
+      ``(datasets, steps_per_epoch)``: both splits with the training split's
+      channel statistics, and the number of full batches in the training split.
+
+    Raises:
+      ValueError: if ``config.batch_size`` exceeds the training examples, or as
+        `data.load_datasets` raises.
+    """
+    datasets = data.load_datasets(config.data)
+    steps_per_epoch = datasets.train.num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f'batch_size={config.batch_size} is larger than the '
+            f'{datasets.train.num_examples} training examples; '
+            'it must be at most the size of data.train_split.'
+        )
+    return datasets, steps_per_epoch
+
+
+def build_model(
+    config: ml_collections.ConfigDict, datasets: data.Datasets
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model ``config.model`` names, for the classes and images of ``datasets``.
+
+    Args:
+      config: the run's configuration; reads ``config.model``.
+      datasets: the run's data, from `load_data`.
+
+    Returns:
+      ``(model, model_meta)``: the flax module and what a reader of a snapshot
+      needs to rebuild it (``model``, ``dtype``, ``num_classes`` and
+      ``image_shape``, a list [H, W, C]; see `checkpoints.RunCheckpointer`).
+    """
+    model = models.create_model(
+        config.model.name,
+        datasets.train.num_classes,
+        dtype=jnp.dtype(config.model.dtype),
+        conv_impl=conv.resolve(config.model.conv_impl),
+    )
+    model_meta = {
+        'model': config.model.name,
+        'dtype': config.model.dtype,
+        'num_classes': datasets.train.num_classes,
+        'image_shape': list(datasets.train.images.shape[1:]),
+    }
+    return model, model_meta
+
+
+def planned_snapshot_epochs(config: ml_collections.ConfigDict) -> frozenset[int]:
+    """The epochs at whose end a run saves a snapshot.
+
+    Those of ``config.distance.anchor_epochs`` (a snapshot precedes each anchor)
+    and, with a cosine schedule, the ends of its cycles up to
+    ``config.num_epochs``.
+    """
+    epochs = {int(epoch) for epoch in config.distance.anchor_epochs}
+    epochs.update(schedules.cycle_end_epochs(config, config.num_epochs))
+    return frozenset(epochs)
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> jax.Array:
@@ -488,6 +550,160 @@ def compile_eval_batch(mesh: Mesh | None = None) -> Callable[..., Any]:
     return jax.jit(eval_batch, out_shardings=parallel.replicated_sharding(mesh))
 
 
+def run_train_steps(
+    train_step: Callable[..., Any],
+    state: PyTree,
+    totals: PyTree,
+    step_args: tuple[Any, ...],
+    num_steps: int,
+    description: str,
+) -> tuple[PyTree, PyTree, float]:
+    """Runs a compiled step ``num_steps`` times behind a progress bar.
+
+    The host dispatches up to `_STEPS_AHEAD` steps ahead of the device and reads
+    the metric sums once, at the end.
+
+    Args:
+      train_step: a step from `compile_train_step` (or the sweep's), called as
+        ``train_step(state, totals, *step_args) -> (state, totals, step)``.
+      state: the state to start from; donated to the first step.
+      totals: the metric sums to add to, on the device; donated likewise.
+      step_args: the step's other arguments, the same for every step.
+      num_steps: how many steps to run.
+      description: the progress bar's label.
+
+    Returns:
+      ``(state, totals, seconds)``: the state after the last step, the metric
+      sums on the host, and the wall time until they arrived.
+    """
+    start = time.perf_counter()
+    in_flight = collections.deque()
+    with tqdm.tqdm(
+        total=num_steps, desc=description, leave=False, unit='step'
+    ) as progress:
+        for _ in range(num_steps):
+            state, totals, step_done = train_step(state, totals, *step_args)
+            in_flight.append(step_done)
+            if len(in_flight) > _STEPS_AHEAD:
+                in_flight.popleft().block_until_ready()
+                progress.update()
+        totals = jax.device_get(totals)
+        progress.update(len(in_flight))
+    return state, totals, time.perf_counter() - start
+
+
+def evaluate_split(
+    eval_batch: Callable[..., Any],
+    state: PyTree,
+    datasets: data.Datasets,
+    batch_size: int,
+    *,
+    num_members: int | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[dict[str, np.ndarray], jax.Array]:
+    """Loss, accuracy and softmax outputs of a model on the eval split.
+
+    Args:
+      eval_batch: from `compile_eval_batch`, or one that takes and returns the
+        same with a leading member axis on the sums and the outputs.
+      state: the state to evaluate (stacked for a sweep).
+      datasets: the run's data; ``datasets.eval`` is evaluated.
+      batch_size: examples per evaluated batch.
+      num_members: M for a sweep's stacked state; None for one run.
+      mesh: the mesh that ``eval_batch`` expects its sums replicated over; None
+        for one device.
+
+    Returns:
+      ``(metrics, probabilities)``: ``eval_loss`` and ``eval_accuracy`` as
+      float64 arrays of shape [] (one run) or [M] (a sweep), on the host, and
+      the softmax outputs f32[N, num_classes] or f32[M, N, num_classes], on the
+      device.
+    """
+    shape = () if num_members is None else (num_members,)
+    totals = {
+        'loss_sum': jnp.zeros(shape, jnp.float32),
+        'correct': jnp.zeros(shape, jnp.int32),
+        'count': jnp.zeros(shape, jnp.int32),
+    }
+    if mesh is not None:
+        totals = parallel.replicate(totals, mesh)
+    probabilities = []
+    for batch in data.eval_batches(datasets.eval, batch_size):
+        totals, batch_probabilities = eval_batch(
+            state, totals, batch, datasets.mean, datasets.std
+        )
+        probabilities.append(batch_probabilities)
+    # The example axis is the one before the classes, with or without members.
+    probabilities = jnp.concatenate(probabilities, axis=-2)
+    probabilities = probabilities[..., : datasets.eval.num_examples, :]
+    totals = jax.device_get(totals)
+    count = np.asarray(totals['count'])
+    metrics = {
+        'eval_loss': np.asarray(totals['loss_sum'], np.float64) / count,
+        'eval_accuracy': np.asarray(totals['correct'], np.float64) / count,
+    }
+    return metrics, probabilities
+
+
+class SnapshotEnsemble:
+    """The running sum of the snapshots' softmax outputs on the eval split.
+
+    The ensemble of an epoch averages every snapshot taken so far and the current
+    model; at a snapshot's own epoch the current model is that snapshot. The
+    outputs may carry leading axes, such as a sweep's members, which are kept
+    apart: each member's ensemble is of its own snapshots.
+
+    Args:
+      labels: int[N] labels of the eval split.
+    """
+
+    def __init__(self, labels: jax.Array):
+        self._labels = labels
+        self._sum = None
+        self._count = 0
+
+    def add(self, probabilities: jax.Array) -> None:
+        """Adds a snapshot's outputs, f32[..., N, num_classes]."""
+        self._sum = probabilities if self._sum is None else self._sum + probabilities
+        self._count += 1
+
+    def accuracy(self, current: jax.Array, is_snapshot: bool) -> jax.Array | None:
+        """Ensemble accuracy with the current model's outputs; None before any.
+
+        Args:
+          current: the current model's outputs, shaped as those added.
+          is_snapshot: whether ``current`` is the snapshot added last.
+
+        Returns:
+          f32[...]: the accuracy, one per leading index of the outputs (a scalar
+          for f32[N, num_classes]); None while no snapshot has been added.
+        """
+        if self._sum is None:
+            return None
+        total, members = self._sum, self._count
+        if not is_snapshot:
+            total, members = total + current, members + 1
+        return ensemble.accuracy(total / members, self._labels)
+
+
+def anchor_metrics(distances: np.ndarray, active: np.ndarray) -> dict[str, float]:
+    """How many anchors are stored and the L2 distance to each, by slot.
+
+    Args:
+      distances: f32[K], the distance to every slot (`anchor_distances`), on the
+        host.
+      active: bool[K], the slots that hold an anchor.
+
+    Returns:
+      ``anchors`` (the count) and ``distance/{slot}`` for every active slot.
+    """
+    metrics = {'anchors': int(active.sum())}
+    for slot, (value, is_active) in enumerate(zip(distances, active, strict=True)):
+        if is_active:
+            metrics[f'distance/{slot}'] = float(value)
+    return metrics
+
+
 def _run_epoch(
     run: _Run, state: TrainState, epoch: int
 ) -> tuple[TrainState, dict[str, float], jax.Array]:
@@ -507,24 +723,12 @@ def _run_epoch(
         ),
         run.mesh,
     )
+    step_args = (train, order, stats.mean, stats.std, run.penalty_config)
+    state, totals, epoch_time = run_train_steps(
+        run.train_step, state, totals, step_args, run.steps_per_epoch, f'epoch {epoch}'
+    )
 
-    start = time.perf_counter()
-    in_flight = collections.deque()
-    with tqdm.tqdm(
-        total=run.steps_per_epoch, desc=f'epoch {epoch}', leave=False, unit='step'
-    ) as progress:
-        for _ in range(run.steps_per_epoch):
-            state, totals, step_done = run.train_step(
-                state, totals, train, order, stats.mean, stats.std, run.penalty_config
-            )
-            in_flight.append(step_done)
-            if len(in_flight) > _STEPS_AHEAD:
-                in_flight.popleft().block_until_ready()
-                progress.update()
-        totals = jax.device_get(totals)
-        progress.update(len(in_flight))
-    epoch_time = time.perf_counter() - start
-
+    eval_start = time.perf_counter()
     metrics = {
         name: float(value) / run.steps_per_epoch for name, value in totals.items()
     }
@@ -532,70 +736,21 @@ def _run_epoch(
     metrics.update(eval_metrics)
     metrics['learning_rate'] = float(run.schedule((epoch - 1) * run.steps_per_epoch))
     metrics['epoch_time'] = epoch_time
-    metrics['eval_time'] = time.perf_counter() - start - epoch_time
+    metrics['eval_time'] = time.perf_counter() - eval_start
     return state, metrics, eval_probabilities
 
 
 def _zero_train_totals() -> Metrics:
-    names = ('train_loss', 'penalty', 'l2', 'objective', 'train_accuracy', 'grad_norm')
-    return {name: jnp.zeros((), jnp.float32) for name in names}
+    return {name: jnp.zeros((), jnp.float32) for name in TRAIN_METRICS}
 
 
 def _evaluate(run: _Run, state: TrainState) -> tuple[dict[str, float], jax.Array]:
     """Loss and accuracy on the eval split, and its softmax outputs (on device)."""
-    zeros = {
-        'loss_sum': jnp.zeros((), jnp.float32),
-        'correct': jnp.zeros((), jnp.int32),
-        'count': jnp.zeros((), jnp.int32),
-    }
-    totals = parallel.replicate(zeros, run.mesh)
-    probabilities = []
-    batches = data.eval_batches(run.datasets.eval, run.config.eval_batch_size)
-    for batch in batches:
-        totals, batch_probabilities = run.eval_batch(
-            state, totals, batch, run.datasets.mean, run.datasets.std
-        )
-        probabilities.append(batch_probabilities)
-    probabilities = jnp.concatenate(probabilities)[: run.datasets.eval.num_examples]
-    totals = jax.device_get(totals)
-    metrics = {
-        'eval_loss': float(totals['loss_sum']) / int(totals['count']),
-        'eval_accuracy': float(totals['correct']) / int(totals['count']),
-    }
-    return metrics, probabilities
-
-
-class _SnapshotEnsemble:
-    """The running sum of the snapshots' softmax outputs on the eval split.
-
-    The ensemble of an epoch averages every snapshot taken so far and the current
-    model; at a snapshot's own epoch the current model is that snapshot.
-    """
-
-    def __init__(self, labels: jax.Array):
-        self._labels = labels
-        self._sum = None
-        self._count = 0
-
-    def add(self, probabilities: jax.Array) -> None:
-        self._sum = probabilities if self._sum is None else self._sum + probabilities
-        self._count += 1
-
-    def accuracy(self, current: jax.Array, is_snapshot: bool) -> float | None:
-        """Ensemble accuracy with the current model's outputs; None before any."""
-        if self._sum is None:
-            return None
-        total, members = self._sum, self._count
-        if not is_snapshot:
-            total, members = total + current, members + 1
-        return float(ensemble.accuracy(total / members, self._labels))
-
-
-def _anchor_metrics(state: TrainState) -> dict[str, float]:
-    """How many anchors are stored and the L2 distance to each, by slot."""
-    distances, active = jax.device_get((anchor_distances(state), state.anchor_mask))
-    metrics = {'anchors': int(active.sum())}
-    for slot, (value, is_active) in enumerate(zip(distances, active, strict=True)):
-        if is_active:
-            metrics[f'distance/{slot}'] = float(value)
-    return metrics
+    metrics, probabilities = evaluate_split(
+        run.eval_batch,
+        state,
+        run.datasets,
+        run.config.eval_batch_size,
+        mesh=run.mesh,
+    )
+    return {name: float(value) for name, value in metrics.items()}, probabilities

@@ -1,5 +1,8 @@
 """Vectorized sweeps: every member of a vmapped sweep trains as its own run would."""
 
+import pathlib
+import shutil
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +10,17 @@ import numpy as np
 import pytest
 
 from configs import default
-from landscape_jax import data, models, optim, schedules, sweep, train
+from landscape_jax import (
+    checkpoints,
+    data,
+    ensemble,
+    metric_writers,
+    models,
+    optim,
+    schedules,
+    sweep,
+    train,
+)
 
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 4
@@ -34,6 +47,18 @@ METRIC_NAMES = ('train_loss', 'penalty', 'l2', 'objective', 'train_accuracy')
 # ~8e-6 after three steps, and the momentum buffers (sums of gradients, whose
 # BatchNorm-bias parts are small sums of large terms) by up to ~1.5e-5.
 TOLERANCE = {'params': 2e-5, 'batch_stats': 2e-5, 'opt_state': 5e-5, 'anchors': 2e-5}
+
+# Wall-clock figures differ between runs; everything else must match.
+TIMINGS = ('epoch_time', 'eval_time')
+# A sweep member's run directory against its own run's, after two epochs of two
+# steps on the tiny 8x8 images (measured): the first member (seed 0, s = 1)
+# matches to < 3e-7 relative, the second (seed 1, s = 10, σ² = 10, half the
+# learning rate) to < 6e-5. Its penalty gradient is large against these small
+# parameters, so rounding differences grow quickly: at twice the base learning
+# rate instead of half, the same member drifts by ~1e-2 in the eval loss.
+RUN_RTOL = 1e-3
+# Accuracies may differ by the flipped predictions of a few examples.
+ACCURACY_ATOL = 2 / 64
 
 
 @pytest.fixture(scope='module')
@@ -245,6 +270,204 @@ def test_members_validate_their_fields():
         )
     with pytest.raises(ValueError, match='momentum'):
         sweep.sweep_optimizer(schedules.constant(0.1), momentum=1.0)
+
+
+def _run_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
+    """Two epochs of two steps on 'landscape_tiny', an anchor after epoch 1."""
+    config = default.get_config()
+    config.data.name = 'landscape_tiny'
+    config.data.data_dir = data_dir
+    config.data.train_split = 'train[:128]'
+    config.num_epochs = 2
+    config.batch_size = 64
+    config.eval_batch_size = 128
+    config.distance.anchor_epochs = (1,)
+    config.distance.width = 10.0
+    for name, value in changes.items():
+        config[name] = value
+    return config
+
+
+def _sweep_configs(data_dir: str) -> list[ml_collections.ConfigDict]:
+    """Strengths 1 and 10; the second member also has its own seed and rate."""
+    first = _run_config(data_dir)
+    first.distance.strength = 1.0
+    second = _run_config(data_dir, seed=1)
+    second.distance.strength = 10.0
+    second.optimizer.learning_rate = 0.005
+    return [first, second]
+
+
+@pytest.fixture(scope='module')
+def sweep_runs(tmp_path_factory, tiny_data_dir) -> dict:
+    """A two-member sweep and each member's own run, in run directories."""
+    root = tmp_path_factory.mktemp('sweep_runs')
+    configs = _sweep_configs(tiny_data_dir)
+    sweep_dirs = [str(root / f'sweep_{index}') for index in range(len(configs))]
+    own_dirs = [str(root / f'own_{index}') for index in range(len(configs))]
+    states = sweep.train_and_evaluate_sweep(configs, sweep_dirs)
+    own_states = [
+        train.train_and_evaluate(config, workdir)
+        for config, workdir in zip(configs, own_dirs, strict=True)
+    ]
+    return {
+        'configs': configs,
+        'sweep_dirs': sweep_dirs,
+        'own_dirs': own_dirs,
+        'states': states,
+        'own_states': own_states,
+    }
+
+
+@pytest.mark.parametrize('member', range(2))
+def test_sweep_writes_the_run_directory_of_each_member(sweep_runs, member):
+    sweep_dir, own_dir = (
+        sweep_runs['sweep_dirs'][member],
+        sweep_runs['own_dirs'][member],
+    )
+    records = metric_writers.read_metrics(sweep_dir)
+    own_records = metric_writers.read_metrics(own_dir)
+
+    assert [record['epoch'] for record in records] == [1, 2]
+    for record, own_record in zip(records, own_records, strict=True):
+        assert record.keys() == own_record.keys()
+        assert {'ensemble_accuracy', 'anchors', 'distance/0'} <= record.keys()
+        for name in record.keys() - set(TIMINGS):
+            tolerance = (
+                {'atol': ACCURACY_ATOL} if 'accuracy' in name else {'rtol': RUN_RTOL}
+            )
+            np.testing.assert_allclose(
+                record[name], own_record[name], err_msg=name, **tolerance
+            )
+    assert records[1]['learning_rate'] == pytest.approx((0.01, 0.005)[member])
+    assert records[1]['penalty'] > 0.0
+    assert checkpoints.read_config(sweep_dir) == checkpoints.read_config(own_dir)
+
+
+def test_members_of_a_sweep_differ(sweep_runs):
+    first, second = (
+        metric_writers.read_metrics(workdir)[-1] for workdir in sweep_runs['sweep_dirs']
+    )
+    assert first['penalty'] < second['penalty']
+    assert first['distance/0'] != second['distance/0']
+
+
+@pytest.mark.parametrize('member', range(2))
+def test_sweep_snapshots_restore(sweep_runs, member):
+    sweep_dir, own_dir = (
+        sweep_runs['sweep_dirs'][member],
+        sweep_runs['own_dirs'][member],
+    )
+    snapshots = ensemble.load_snapshots(sweep_dir)
+    own_snapshot = checkpoints.load_snapshot(own_dir, 1)
+
+    assert [snapshot.epoch for snapshot in snapshots] == [1]
+    assert snapshots[0].meta == own_snapshot.meta
+    assert _relative_difference(snapshots[0].variables, own_snapshot.variables) < 1e-5
+
+
+def test_sweep_states_are_those_of_single_runs(sweep_runs):
+    for state, own_state in zip(
+        sweep_runs['states'], sweep_runs['own_states'], strict=True
+    ):
+        # The optimizer itself (static, not compared) is each member's own.
+        for name in ('params', 'batch_stats', 'opt_state', 'anchors'):
+            assert jax.tree.structure(getattr(state, name)) == jax.tree.structure(
+                getattr(own_state, name)
+            ), name
+        # Measured: ‖Δθ‖ / ‖θ‖ < 1.4e-6; leaf by leaf, the second member's
+        # smallest batch-norm biases (~1e-3) differ by up to 1e-3 of their size.
+        assert _norm_relative_difference(state.params, own_state.params) < 1e-5
+        assert int(state.step) == int(own_state.step) == 4
+
+    # A single run resumes from a member's saved state: finished, it trains no
+    # further and returns the state the sweep saved.
+    config, workdir = sweep_runs['configs'][1], sweep_runs['sweep_dirs'][1]
+    records = metric_writers.read_metrics(workdir)
+    resumed = train.train_and_evaluate(config, workdir)
+    assert metric_writers.read_metrics(workdir) == records
+    assert _relative_difference(resumed, sweep_runs['states'][1]) == 0.0
+
+
+def test_interrupted_sweep_resumes_to_the_same_metrics(sweep_runs, tmp_path):
+    finished = sweep_runs['sweep_dirs']
+    workdirs = [str(tmp_path / f'member_{index}') for index in range(len(finished))]
+    for source, workdir in zip(finished, workdirs, strict=True):
+        shutil.copytree(source, workdir)
+
+    # What a kill in epoch 2 leaves in the first member: its state of epoch 1.
+    shutil.rmtree(f'{workdirs[0]}/checkpoints/2')
+    with pytest.raises(ValueError) as error:
+        sweep.train_and_evaluate_sweep(sweep_runs['configs'], workdirs)
+    message = str(error.value)
+    assert f"'{workdirs[0]}' epoch 1" in message
+    assert f"'{workdirs[1]}' epoch 2" in message
+    assert [r['epoch'] for r in metric_writers.read_metrics(workdirs[0])] == [1, 2]
+
+    shutil.rmtree(f'{workdirs[1]}/checkpoints/2')
+    sweep.train_and_evaluate_sweep(sweep_runs['configs'], workdirs)
+
+    for source, workdir in zip(finished, workdirs, strict=True):
+        assert _without_timings(metric_writers.read_metrics(workdir)) == (
+            _without_timings(metric_writers.read_metrics(source))
+        )
+
+
+def test_diverging_member_stops_the_sweep_before_saving(tmp_path, tiny_data_dir):
+    configs = _sweep_configs(tiny_data_dir)
+    # Parameters near 1e20 after one step: the squared norm overflows.
+    configs[1].optimizer.learning_rate = 1e20
+    workdirs = [str(tmp_path / 'sane'), str(tmp_path / 'diverging')]
+
+    with pytest.raises(FloatingPointError) as error:
+        sweep.train_and_evaluate_sweep(configs, workdirs)
+
+    message = str(error.value)
+    assert 'diverged in epoch 1' in message
+    assert workdirs[1] in message and workdirs[0] not in message
+    for workdir in workdirs:
+        assert metric_writers.read_metrics(workdir) == []
+        assert checkpoints.snapshot_epochs(workdir) == []
+        assert not list((pathlib.Path(workdir) / 'checkpoints').iterdir())
+
+
+def test_sweep_rejects_bad_workdirs_and_configs(tmp_path):
+    configs = [default.get_config(), default.get_config()]
+    configs[1].distance.strength = 10.0
+    with pytest.raises(ValueError, match='workdirs must hold one run directory'):
+        sweep.train_and_evaluate_sweep(configs, [str(tmp_path / 'only')])
+    with pytest.raises(ValueError, match=r'workdirs\[0\] and workdirs\[1\]'):
+        sweep.train_and_evaluate_sweep(
+            configs, [str(tmp_path / 'same'), str(tmp_path / '.' / 'same')]
+        )
+
+    configs[1].batch_size = 64
+    with pytest.raises(ValueError, match='batch_size is 128 in config 0 and 64'):
+        sweep.train_and_evaluate_sweep(
+            configs, [str(tmp_path / 'a'), str(tmp_path / 'b')]
+        )
+
+    configs[1].batch_size = 0
+    with pytest.raises(ValueError, match='batch_size'):
+        sweep.train_and_evaluate_sweep(
+            configs, [str(tmp_path / 'a'), str(tmp_path / 'b')]
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def _without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def _norm_relative_difference(actual, expected) -> float:
+    """‖actual - expected‖ / ‖expected‖, the L2 norms over all leaves together."""
+    pairs = zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
+    squared_difference = squared_norm = 0.0
+    for got, want in pairs:
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        squared_difference += float(np.sum((got - want) ** 2))
+        squared_norm += float(np.sum(want**2))
+    return (squared_difference / squared_norm) ** 0.5
 
 
 def _relative_difference(actual, expected) -> float:
