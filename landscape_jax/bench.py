@@ -4,6 +4,7 @@
         --anchors=0,1,3 --steps=20 [--image_size=32 --channels=3 \
         --num_classes=10 --warmup=3 --repeats=5 --dtype=float32 \
         --conv_impl=xla --study_ratio]
+    python -m landscape_jax.bench --model=resnet8 --members=3
 
 For each anchor count K the command builds a training state whose anchor buffer
 holds K slots, all in use (K = 0 is what a run without anchors has: one empty
@@ -17,11 +18,22 @@ load falls on every count alike; the median repeat is reported.
 Each case prints one JSON line with ``model``, ``batch_size``, ``anchors``,
 ``step_ms`` (median over repeats), ``step_ms_min``, ``images_per_s``,
 ``cpu_ms`` (the host CPU time the process used per step, median; on a CPU
-shared with other work it varies less than the wall time), ``device``, the
-1-minute load average of the host before and after timing, and for K > 0
-``overhead_per_anchor_pct`` = ``(step_ms(K) / step_ms(0) − 1) / K · 100``.
+shared with other work it varies less than the wall time), ``penalty_ms`` (the
+penalty and its gradient compiled alone, median), ``device``, the 1-minute load
+average of the host before and after timing, and for K > 0
+``overhead_per_anchor_pct`` = ``(step_ms(K) / step_ms(0) − 1) / K · 100`` and
+``penalty_overhead_per_anchor_pct`` = ``(penalty_ms(K) − penalty_ms(0)) / K /
+step_ms(0) · 100``: the same overhead estimated from the penalty alone, which
+resolves differences far below the step-to-step noise of a shared machine.
 With ``--study_ratio`` a last line gives, for each K, the epoch-time ratio
 ``step_ms(K) / step_ms(0)`` next to the one the 2020 PyTorch study reported.
+
+With ``--members=M`` (M >= 2) the command instead compares a vectorized sweep
+with the runs one after another: it times the sweep's step
+(`sweep.compile_train_step`, M members with their own seeds, one anchor each)
+and the single run's step, interleaved, and prints one line with
+``sweep_step_ms``, ``sequential_step_ms`` (M times the single step) and
+``sweep_speedup`` = sequential / sweep; above 1 the sweep is faster.
 
 The study's numbers (section 4.6 and figure 4.13 of *Exploring the loss
 landscape of deep neural networks*, PyTorch on the TCML cluster's GPUs): without
@@ -35,23 +47,20 @@ inside the compiled step.
 """
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
-from landscape_jax import conv, data, distance, models, optim, train
+from landscape_jax import conv, data, distance, models, optim, schedules, sweep, train
 
 # Epoch time in seconds of the study (see the module docstring), by anchor count:
 # (low, high) where the text gives a range. MobileNetV2's first anchor uses the
@@ -78,6 +87,9 @@ _WIDTH = 1000.0
 # Batches of random images kept on the device; the step cycles through them.
 _BATCHES_ON_DEVICE = 4
 
+# Timed calls of the penalty alone per repeat of the step (it takes far less).
+_PENALTY_CALLS_PER_REPEAT = 10
+
 # Spread of the random anchors around the parameters.
 _ANCHOR_NOISE = 0.01
 
@@ -94,7 +106,7 @@ def run_benchmark(
     channels: int = 3,
     num_classes: int = 10,
     dtype: str = 'float32',
-    conv_impl: str = 'xla',
+    conv_impl: str = 'auto',
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Times the fused training step for each anchor count.
@@ -111,8 +123,8 @@ def run_benchmark(
       channels: channels of the random images.
       num_classes: classes of the model and the random labels.
       dtype: the model's computation dtype, 'float32' or 'bfloat16'.
-      conv_impl: 'xla' for flax's convolution, 'matmul' for `conv`'s
-        matrix-product weight gradient.
+      conv_impl: one of `conv.CONV_IMPL_CHOICES`: 'xla', 'matmul' (weight
+        gradients as matrix products) or 'auto' (see `conv.resolve`).
       seed: seed of the parameters, anchors and data.
 
     Returns:
@@ -128,37 +140,42 @@ def run_benchmark(
     device = jax.devices()[0]
     device_name = getattr(device, 'device_kind', None) or device.platform
 
-    with _models_using_conv(conv_impl):
-        model = models.create_model(model_name, num_classes, dtype=jnp.dtype(dtype))
-        tx = optim.sgd_coupled_l2(_LEARNING_RATE, _MOMENTUM, _WEIGHT_DECAY)
-        state_rng, anchor_rng = jax.random.split(jax.random.PRNGKey(seed))
-        # One initialization serves every count: only the anchor buffer differs.
-        state = train.create_train_state(
-            state_rng, model, image_shape, tx, num_anchor_slots=1
+    conv_impl = conv.resolve(conv_impl)
+    model = models.create_model(
+        model_name, num_classes, dtype=jnp.dtype(dtype), conv_impl=conv_impl
+    )
+    tx = optim.sgd_coupled_l2(_LEARNING_RATE, _MOMENTUM, _WEIGHT_DECAY)
+    state_rng, anchor_rng = jax.random.split(jax.random.PRNGKey(seed))
+    # One initialization serves every count: only the anchor buffer differs.
+    state = train.create_train_state(
+        state_rng, model, image_shape, tx, num_anchor_slots=1
+    )
+    step_fn = compile_fused_step()
+    step_args = _step_args(image_shape, num_classes, batch_size, seed)
+    cases = {
+        count: _Case(
+            _with_anchors(state, anchor_rng, count),
+            train._zero_train_totals(),
+            step_args,
         )
-        step_fn = compile_fused_step()
-        step_args = _step_args(image_shape, num_classes, batch_size, seed)
-        cases = {
-            count: _Case(
-                _with_anchors(state, anchor_rng, count),
-                train._zero_train_totals(),
-                step_args,
-            )
-            for count in anchor_counts
-        }
-        for case in cases.values():
-            # The first step compiles; the warm-up steps follow it.
-            case.run(step_fn, 1 + warmup)
+        for count in anchor_counts
+    }
+    for case in cases.values():
+        # The first step compiles; the warm-up steps follow it.
+        case.run(step_fn, 1 + warmup)
 
-        load_before = os.getloadavg()[0]
-        times = {count: [] for count in anchor_counts}
-        cpu_times = {count: [] for count in anchor_counts}
-        for _ in range(repeats):
-            for count in anchor_counts:
-                cpu_start = time.process_time()
-                times[count].append(cases[count].run(step_fn, steps) / steps)
-                cpu_times[count].append((time.process_time() - cpu_start) / steps)
-        load_after = os.getloadavg()[0]
+    load_before = os.getloadavg()[0]
+    times = {count: [] for count in anchor_counts}
+    cpu_times = {count: [] for count in anchor_counts}
+    for _ in range(repeats):
+        for count in anchor_counts:
+            cpu_start = time.process_time()
+            times[count].append(cases[count].run(step_fn, steps) / steps)
+            cpu_times[count].append((time.process_time() - cpu_start) / steps)
+    load_after = os.getloadavg()[0]
+    penalty_times = {
+        count: _time_penalty(cases[count].state, repeats) for count in anchor_counts
+    }
 
     results = []
     for count in anchor_counts:
@@ -181,10 +198,15 @@ def run_benchmark(
             'repeats': repeats,
             'load_avg_1min': [round(load_before, 2), round(load_after, 2)],
         }
+        result['penalty_ms'] = round(1e3 * penalty_times[count], 4)
         if count > 0:
             base_ms = 1e3 * statistics.median(times[0])
             result['overhead_per_anchor_pct'] = round(
                 (step_ms / base_ms - 1.0) / count * 100.0, 3
+            )
+            extra_ms = 1e3 * (penalty_times[count] - penalty_times[0])
+            result['penalty_overhead_per_anchor_pct'] = round(
+                extra_ms / count / base_ms * 100.0, 4
             )
         results.append(result)
     return results
@@ -222,6 +244,115 @@ def study_ratios(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {'model': model_name, 'study_ratio': ratios}
 
 
+def run_sweep_benchmark(
+    model_name: str,
+    batch_size: int,
+    num_members: int,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+    repeats: int = 5,
+    image_size: int = 32,
+    channels: int = 3,
+    num_classes: int = 10,
+    dtype: str = 'float32',
+    conv_impl: str = 'auto',
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Times a vectorized sweep of M members against M single-run steps.
+
+    Both hold one anchor per member and train on the same random data; the
+    members differ in their seeds. Arguments are those of `run_benchmark`, with
+    ``num_members`` (M >= 2) in place of the anchor counts.
+
+    Returns:
+      A dict with ``model``, ``batch_size``, ``members``, ``sweep_step_ms`` (one
+      step of all members, median over repeats), ``single_step_ms``,
+      ``sequential_step_ms`` (M single steps), ``sweep_speedup``, ``device``,
+      ``dtype``, ``conv_impl`` and the load average before and after timing.
+
+    Raises:
+      ValueError: if an argument is out of range.
+    """
+    _validate(model_name, batch_size, [0], steps, warmup, repeats, dtype)
+    if num_members < 2:
+        raise ValueError(f'members must be at least 2, got {num_members}.')
+    image_shape = (image_size, image_size, channels)
+    device = jax.devices()[0]
+    conv_impl = conv.resolve(conv_impl)
+    model = models.create_model(
+        model_name, num_classes, dtype=jnp.dtype(dtype), conv_impl=conv_impl
+    )
+    step_args = _step_args(image_shape, num_classes, batch_size, seed)
+    train_data, order, mean, std, penalty_config = step_args
+
+    single_state = train.create_train_state(
+        jax.random.PRNGKey(seed),
+        model,
+        image_shape,
+        optim.sgd_coupled_l2(_LEARNING_RATE, _MOMENTUM, _WEIGHT_DECAY),
+        num_anchor_slots=1,
+    )
+    single = _Case(
+        train.store_anchor(single_state), train._zero_train_totals(), step_args
+    )
+
+    members = sweep.Members(
+        seeds=tuple(range(seed, seed + num_members)),
+        strengths=(_STRENGTH,) * num_members,
+        widths=(_WIDTH,) * num_members,
+        learning_rate_scales=(1.0,) * num_members,
+        weight_decays=(_WEIGHT_DECAY,) * num_members,
+    )
+    sweep_state = sweep.create_sweep_state(
+        members,
+        model,
+        image_shape,
+        schedules.constant(_LEARNING_RATE),
+        _MOMENTUM,
+        num_anchor_slots=1,
+    )
+    orders = jnp.stack([order] * num_members)
+    sweep_totals = {
+        name: jnp.zeros((num_members,), jnp.float32) for name in train.TRAIN_METRICS
+    }
+    swept = _Case(
+        sweep.store_anchor(sweep_state),
+        sweep_totals,
+        (train_data, orders, mean, std, members.penalty_config()),
+    )
+
+    single_fn, sweep_fn = compile_fused_step(), sweep.compile_train_step()
+    single.run(single_fn, 1 + warmup)
+    swept.run(sweep_fn, 1 + warmup)
+    load_before = os.getloadavg()[0]
+    single_times, sweep_times = [], []
+    for _ in range(repeats):
+        single_times.append(single.run(single_fn, steps) / steps)
+        sweep_times.append(swept.run(sweep_fn, steps) / steps)
+    load_after = os.getloadavg()[0]
+
+    single_ms = 1e3 * statistics.median(single_times)
+    sweep_ms = 1e3 * statistics.median(sweep_times)
+    return {
+        'model': model_name,
+        'batch_size': batch_size,
+        'members': num_members,
+        'sweep_step_ms': round(sweep_ms, 3),
+        'single_step_ms': round(single_ms, 3),
+        'sequential_step_ms': round(num_members * single_ms, 3),
+        'sweep_speedup': round(num_members * single_ms / sweep_ms, 3),
+        'device': getattr(device, 'device_kind', None) or device.platform,
+        'platform': device.platform,
+        'image_shape': list(image_shape),
+        'dtype': dtype,
+        'conv_impl': conv_impl,
+        'steps': steps,
+        'repeats': repeats,
+        'load_avg_1min': [round(load_before, 2), round(load_after, 2)],
+    }
+
+
 def compile_fused_step() -> Any:
     """The training loop's compiled step, as `train` builds it for one device.
 
@@ -248,20 +379,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         _exit_with_error(
             f'--anchors must be comma-separated integers, got {args.anchors!r}.'
         )
+    shape_args = {
+        'steps': args.steps,
+        'warmup': args.warmup,
+        'repeats': args.repeats,
+        'image_size': args.image_size,
+        'channels': args.channels,
+        'num_classes': args.num_classes,
+        'dtype': args.dtype,
+        'conv_impl': args.conv_impl,
+        'seed': args.seed,
+    }
+    if args.members is not None:
+        try:
+            result = run_sweep_benchmark(
+                args.model, args.batch_size, args.members, **shape_args
+            )
+        except ValueError as error:
+            _exit_with_error(str(error))
+        print(json.dumps(result), flush=True)
+        return
     try:
         results = run_benchmark(
             args.model,
             args.batch_size,
             anchor_counts,
-            steps=args.steps,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            image_size=args.image_size,
-            channels=args.channels,
-            num_classes=args.num_classes,
-            dtype=args.dtype,
-            conv_impl=args.conv_impl,
-            seed=args.seed,
+            **shape_args,
         )
     except ValueError as error:
         _exit_with_error(str(error))
@@ -290,6 +433,25 @@ class _Case:
         elapsed = time.perf_counter() - start
         self.state, self.totals = state, totals
         return elapsed
+
+
+def _time_penalty(state: train.TrainState, repeats: int) -> float:
+    """Median seconds of the anchor penalty and its gradient, compiled alone."""
+
+    def anchor_penalty(params, anchors, mask):
+        return distance.penalty(
+            params, anchors, strength=_STRENGTH, width=_WIDTH, mask=mask
+        )
+
+    penalty_and_grad = jax.jit(jax.value_and_grad(anchor_penalty))
+    args = (state.params, state.anchors, state.anchor_mask)
+    jax.block_until_ready(penalty_and_grad(*args))
+    times = []
+    for _ in range(repeats * _PENALTY_CALLS_PER_REPEAT):
+        start = time.perf_counter()
+        jax.block_until_ready(penalty_and_grad(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _step_args(
@@ -341,36 +503,6 @@ def _with_anchors(
         anchors=jax.tree.unflatten(treedef, anchors),
         anchor_mask=jnp.ones((count,), bool),
     )
-
-
-@contextlib.contextmanager
-def _models_using_conv(conv_impl: str) -> Iterator[None]:
-    """Makes `models` build its convolutions with ``conv.select(conv_impl)``.
-
-    TODO(models): `models` has no convolution option yet, so the benchmark
-    replaces its private `_conv_def` while the models are built and traced; drop
-    this once `models.create_model` takes the option.
-    """
-    conv_fn = conv.select(conv_impl)
-    if conv_impl == 'xla':
-        yield
-        return
-    original = models._conv_def
-
-    def conv_def(dtype: Any, kernel_init: Any) -> Any:
-        return functools.partial(
-            nn.Conv,
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=kernel_init,
-            conv_general_dilated=conv_fn,
-        )
-
-    models._conv_def = conv_def
-    try:
-        yield
-    finally:
-        models._conv_def = original
 
 
 def _validate(
@@ -425,8 +557,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--channels', type=int, default=3)
     parser.add_argument('--num_classes', type=int, default=10)
     parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-    parser.add_argument('--conv_impl', default='xla', choices=conv.CONV_IMPLS)
+    parser.add_argument('--conv_impl', default='auto', choices=conv.CONV_IMPL_CHOICES)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument(
+        '--members',
+        type=int,
+        default=None,
+        help='time a vectorized sweep of this many members against sequential runs',
+    )
     parser.add_argument(
         '--study_ratio',
         action='store_true',

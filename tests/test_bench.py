@@ -55,6 +55,33 @@ def test_prints_json_lines_with_the_required_keys(capsys):
     assert ratios['study_ratio']['1']['study'] == [pytest.approx(63 / 55, abs=1e-3)] * 2
 
 
+def test_members_compares_a_sweep_with_sequential_runs(capsys):
+    bench.main(
+        [
+            '--model=resnet8',
+            '--image_size=8',
+            '--channels=1',
+            '--num_classes=4',
+            '--batch_size=4',
+            '--steps=2',
+            '--warmup=0',
+            '--repeats=1',
+            '--members=2',
+        ]
+    )
+
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(line)
+    assert result['members'] == 2
+    assert result['sweep_step_ms'] > 0
+    assert result['sequential_step_ms'] == pytest.approx(
+        2 * result['single_step_ms'], abs=2e-3
+    )
+    assert result['sweep_speedup'] == pytest.approx(
+        result['sequential_step_ms'] / result['sweep_step_ms'], rel=1e-2
+    )
+
+
 def test_study_ratios_of_mobilenetv2_are_ranges():
     results = [
         {'model': 'mobilenetv2', 'anchors': count, 'step_ms': 10.0 + count}
@@ -75,6 +102,7 @@ def test_study_ratios_of_mobilenetv2_are_ranges():
         ('--anchors=0,x', 'comma-separated integers'),
         ('--anchors=0,0', 'distinct'),
         ('--steps=0', 'steps and repeats'),
+        ('--members=1', 'members must be at least 2'),
     ],
 )
 def test_bad_arguments_exit_with_status_2(argument, message, capsys):
