@@ -1,4 +1,4 @@
-"""The accelerator check: anchor overhead and float32 vs bfloat16, in one run.
+"""The accelerator check: anchor overhead, epoch time, bfloat16 and sweeps, in one run.
 
     python experiments/device_check.py [--budget_s=420 --steps=20 --repeats=5]
 
@@ -7,9 +7,14 @@ one JSON line per case of ``landscape_jax.bench``:
 
 1. ResNet32 and MobileNetV2, batch 128, 32x32x3 images, float32, with 0, 1 and 3
    anchors (``overhead_per_anchor_pct``), followed by the epoch-time ratios next
-   to the study's (``study_ratio``);
+   to the study's (``study_ratio``) and ``cifar10_epoch_s``: the training steps
+   of one CIFAR-10 epoch (50000 // batch size, 390 at 128) at the float32
+   ``step_ms`` without anchors, to set beside the study's 55 s (ResNet32) and
+   72 s (MobileNetV2);
 2. the same two models with no anchor in bfloat16, and a last line per model with
-   ``bfloat16_speedup`` = float32 ``step_ms`` / bfloat16 ``step_ms``.
+   ``bfloat16_speedup`` = float32 ``step_ms`` / bfloat16 ``step_ms``;
+3. a vectorized sweep of 3 ResNet32 members against the same 3 runs one after
+   another (``sweep_speedup``, see ``landscape_jax.bench --members``).
 
 Cases are skipped, with a line saying so, once ``--budget_s`` seconds have
 passed. The benchmark reads no data set and writes no summaries; when
@@ -28,6 +33,9 @@ import types
 from collections.abc import Sequence
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# CIFAR-10's training split; an epoch drops the last partial batch.
+_CIFAR10_TRAIN_EXAMPLES = 50000
 
 # Imported by `landscape_jax.data` and `flax.metrics.tensorboard` at module level,
 # used only to read data sets and write summaries.
@@ -74,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (model_name, 'bfloat16', '0') for model_name in ('resnet32', 'mobilenetv2')
     ]
     float32_ms = {}
+    steps_per_epoch = _CIFAR10_TRAIN_EXAMPLES // args.batch_size
     for model_name, dtype, anchors in cases:
         elapsed = time.perf_counter() - start
         if elapsed > args.budget_s:
@@ -100,6 +109,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         if dtype == 'float32':
             _print(bench.study_ratios(results))
             float32_ms[model_name] = results[0]['step_ms']
+            _print(
+                {
+                    'model': model_name,
+                    'batch_size': args.batch_size,
+                    'anchors': 0,
+                    'cifar10_epoch_s': round(
+                        steps_per_epoch * results[0]['step_ms'] / 1000, 2
+                    ),
+                }
+            )
         elif model_name in float32_ms:
             _print(
                 {
@@ -111,6 +130,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                     ),
                 }
             )
+
+    elapsed = time.perf_counter() - start
+    if elapsed > args.budget_s:
+        _print(
+            {
+                'skipped': 'sweep',
+                'reason': f'{elapsed:.0f} s > --budget_s={args.budget_s}',
+            }
+        )
+    else:
+        sweep = bench.run_sweep_benchmark(
+            'resnet32',
+            args.batch_size,
+            3,
+            steps=args.steps,
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
+        _print({**sweep, 'elapsed_s': round(time.perf_counter() - start, 1)})
 
 
 def _stub_missing_modules() -> list[str]:
