@@ -6,7 +6,7 @@ channels-major order. Inside a training step that transpose is fused with the
 elementwise ops that produced the input (batch norm, relu and, in a ResNet, the
 residual additions of earlier blocks), which XLA then recomputes in transposed
 order. For ResNet32 at batch 128 these transposes and the weight-gradient
-convolutions take about 70 % of a step (see ``docs/benchmarks.md``).
+convolutions take about 65 % of a step (see ``docs/benchmarks.md``).
 
 `conv_general_dilated` has the signature of `jax.lax.conv_general_dilated` and
 the same forward pass and input gradient, but computes the weight gradient of a
@@ -151,7 +151,7 @@ def resolve(conv_impl: str, backend: str | None = None) -> str:
     """The implementation ``conv_impl`` stands for on ``backend``.
 
     'auto' is 'matmul' on CPU, where it makes a ResNet32 training step about
-    1.7 times faster (``docs/benchmarks.md``), and 'xla' on accelerators.
+    1.4 times faster (``docs/benchmarks.md``), and 'xla' on accelerators.
 
     Args:
       conv_impl: one of `CONV_IMPL_CHOICES`.
