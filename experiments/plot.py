@@ -43,6 +43,7 @@ import itertools
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
@@ -677,6 +678,8 @@ def _new_figure(experiment: Experiment, what: str, panels: int = 1) -> Figure:
     if experiment.title != experiment.name:
         title += f': {experiment.title}'
     title += f' — {what}'
+    # About 11 characters of the title's font per inch of the figure.
+    title = textwrap.fill(title, width=int(11 * width))
     scale = describe_scale(experiment.scale)
     figure.suptitle(f'{title}\n{scale}' if scale else title, fontsize='medium')
     return figure
