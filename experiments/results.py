@@ -162,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         names = plot.select_experiments(args.root, args.experiments)
         experiments = [plot.load_experiment(args.root, name) for name in names]
+        if not args.experiments:
+            experiments.sort(key=_study_order)
         page = results_page(experiments, args.figures, args.out, _commands(args))
     except plot.ExperimentInputError as err:
         plot.exit_with_error(str(err))
@@ -209,6 +211,17 @@ def _commands(args: argparse.Namespace) -> str:
     )
 
 
+def _study_order(experiment: plot.Experiment) -> tuple:
+    """The study's order: by the first section named, then experiments of ours."""
+    section = str(experiment.spec.get('study_section') or '')
+    first = section.split(',')[0].strip()
+    try:
+        numbers = tuple(int(part) for part in first.split('.'))
+    except ValueError:
+        numbers = ()
+    return (not numbers, numbers, experiment.name)
+
+
 def _setup_section(experiments: Sequence[plot.Experiment]) -> str:
     """How the runs were made: one bullet per scale, naming its experiments."""
     by_scale: dict[str, list[plot.Experiment]] = {}
@@ -220,6 +233,14 @@ def _setup_section(experiments: Sequence[plot.Experiment]) -> str:
         scale = group[0].scale
         names = ', '.join(f'`{experiment.name}`' for experiment in group)
         lines.append(f'- {names}: {_describe_setup(scale)}')
+    if any(experiment.scale.get('name') != _FULL_SCALE for experiment in experiments):
+        lines.append(
+            '\nScaled-down runs show that every command and figure works; their '
+            "numbers are not the study's setting and are not expected to match "
+            "the study's, which stand beside them for orientation. Where a run "
+            'has one seed, weigh its differences against the seed-to-seed '
+            'spread of the runs that have several.'
+        )
     return '\n'.join(lines) + '\n'
 
 
@@ -229,7 +250,10 @@ def _describe_setup(scale: dict[str, Any]) -> str:
         return '`experiment.json` gives no `scale`.'
     parts = [f'scale `{scale.get("name", "?")}`']
     if scale.get('model') or scale.get('data'):
-        parts.append(f'{scale.get("model", "?")} on {scale.get("data", "?")}')
+        data = scale.get('data', '?')
+        if data == 'mnist5k':
+            data += ' (written by `experiments/prepare_mnist5k.py`)'
+        parts.append(f'{scale.get("model", "?")} on {data}')
     splits = []
     if scale.get('train_split'):
         splits.append(f'trained on split `{scale["train_split"]}`')

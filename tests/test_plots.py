@@ -343,7 +343,9 @@ def test_results_page(root, figures, tmp_path):
     results.main([f'--root={root}', f'--figures={figures}', f'--out={out}'])
     page = out.read_text()
 
-    assert 'resnet8 on mnist5k' in page
+    assert 'resnet8 on mnist5k (written by `experiments/prepare_mnist5k.py`)' in page
+    # In the study's order, experiments that are not the study's last.
+    assert page.index('(`strength`)') < page.index('## placement')
     assert "scaled down from the study's 600-epoch CIFAR-10 runs" in page
     assert "4 epochs, each standing for 150 of the study's epochs" in page
     assert COMMAND in page
