@@ -148,6 +148,16 @@ def run_path(workdir: str) -> epath.Path:
     return path if path.is_absolute() else epath.Path(os.path.abspath(workdir))
 
 
+def latest_state_epoch(workdir: str) -> int | None:
+    """The epoch of the latest training state saved in ``workdir``, or None."""
+    directory = run_path(workdir) / CHECKPOINTS_DIR
+    if not directory.exists():
+        return None
+    with ocp.CheckpointManager(directory, options=READ_ONLY) as manager:
+        epoch = manager.latest_step()
+    return None if epoch is None else int(epoch)
+
+
 def snapshot_epochs(workdir: str) -> list[int]:
     """The epochs of the snapshots saved in ``workdir``, oldest first."""
     directory = run_path(workdir) / SNAPSHOTS_DIR

@@ -502,7 +502,7 @@ def evaluate_run(
         'split': data_config.eval_split,
         'num_examples': int(labels.shape[0]),
         'members': list(members),
-        'final_epoch': _final_state_epoch(workdir),
+        'final_epoch': checkpoints.latest_state_epoch(workdir),
         **figures,
     }
 
@@ -574,16 +574,6 @@ def _prediction_accuracy(predictions: jax.Array, labels: jax.Array) -> jax.Array
     return jnp.mean(
         jnp.asarray(predictions) == jnp.asarray(labels), axis=-1, dtype=jnp.float32
     )
-
-
-def _final_state_epoch(workdir: str) -> int | None:
-    """The epoch of the latest training state, or None."""
-    directory = checkpoints.run_path(workdir) / checkpoints.CHECKPOINTS_DIR
-    if not directory.exists():
-        return None
-    with ocp.CheckpointManager(directory, options=checkpoints.READ_ONLY) as manager:
-        epoch = manager.latest_step()
-    return None if epoch is None else int(epoch)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'batch_size'))

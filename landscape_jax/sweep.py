@@ -55,9 +55,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from flax import linen as nn
 
 from landscape_jax import (
@@ -624,7 +622,7 @@ def _common_start_epoch(workdirs: list[str]) -> int:
       ValueError: if some workdirs hold a state and others none, or states of
         different epochs.
     """
-    epochs = [_saved_state_epoch(workdir) for workdir in workdirs]
+    epochs = [checkpoints.latest_state_epoch(workdir) for workdir in workdirs]
     if len(set(epochs)) > 1:
         held = ', '.join(
             f'{workdir!r} ' + ('none' if epoch is None else f'epoch {epoch}')
@@ -637,16 +635,6 @@ def _common_start_epoch(workdirs: list[str]) -> int:
             'with train.train_and_evaluate.'
         )
     return epochs[0] or 0
-
-
-def _saved_state_epoch(workdir: str) -> int | None:
-    """The epoch of the latest training state saved in ``workdir``, or None."""
-    directory = epath.Path(workdir) / checkpoints.CHECKPOINTS_DIR
-    if not directory.exists():
-        return None
-    with ocp.CheckpointManager(directory, options=checkpoints.READ_ONLY) as manager:
-        epoch = manager.latest_step()
-    return None if epoch is None else int(epoch)
 
 
 def _restore(
