@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.list:
         for name, experiment in EXPERIMENTS.items():
             section = f'§{experiment.section}' if experiment.section else 'not in study'
-            print(f'{name:18} {section:15} {experiment.title}')
+            print(f'{name:18} {section:17} {experiment.title}')
         return
     if args.experiment is None:
         _exit_with_error(f'--experiment is required; one of {", ".join(EXPERIMENTS)}.')
