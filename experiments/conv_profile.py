@@ -151,7 +151,7 @@ def profile_trace(conv_impls: Sequence[str], batch_size: int) -> list[dict[str, 
         )
         case = bench._Case(
             state,
-            train._zero_train_totals(),
+            train.zero_train_totals(),
             bench._step_args((32, 32, 3), 10, batch_size, seed=0),
         )
         step_fn = bench.compile_fused_step()

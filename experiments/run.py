@@ -51,7 +51,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from landscape_jax import checkpoints, ensemble, schedules, sweep, train  # noqa: E402
+from landscape_jax import checkpoints, ensemble, sweep, train  # noqa: E402
 
 STUDY_EPOCHS = 600
 
@@ -385,7 +385,7 @@ def run_experiment(
                     'config': f'configs/{run.config}.py',
                     'overrides': run.overrides,
                     'anchor_epochs': list(config.distance.anchor_epochs),
-                    'snapshot_epochs': _snapshot_epochs(config),
+                    'snapshot_epochs': sorted(train.planned_snapshot_epochs(config)),
                 }
             )
             jobs.append((config, os.path.join(folder, workdir)))
@@ -495,13 +495,6 @@ def _groups(
         else:
             groups.append([job])
     return groups
-
-
-def _snapshot_epochs(config: ml_collections.ConfigDict) -> list[int]:
-    """The epochs after which the run saves an ensemble snapshot."""
-    epochs = set(config.distance.anchor_epochs)
-    epochs.update(schedules.cycle_end_epochs(config, config.num_epochs))
-    return sorted(epochs)
 
 
 def _slug(label: str) -> str:

@@ -4,7 +4,7 @@
         --steps=5 --warmup=2 --repeats=3 --threads=<cores>]
 
 A ResNet32 with option-A shortcuts (464,154 parameters for 10 classes, like
-`landscape_jax.models.ResNet32`) is trained in eager mode with
+`landscape_jax.models.ResNet` of depth 32) is trained in eager mode with
 ``torch.optim.SGD(lr=0.01, momentum=0.9, weight_decay=1e-3)`` on one random,
 already normalized batch. The anchor penalty is computed the study's way
 (section 3.1.3 of the study): for each anchor a Python loop over the parameter

@@ -155,7 +155,7 @@ def run_benchmark(
     cases = {
         count: _Case(
             _with_anchors(state, anchor_rng, count),
-            train._zero_train_totals(),
+            train.zero_train_totals(),
             step_args,
         )
         for count in anchor_counts
@@ -294,7 +294,7 @@ def run_sweep_benchmark(
         num_anchor_slots=1,
     )
     single = _Case(
-        train.store_anchor(single_state), train._zero_train_totals(), step_args
+        train.store_anchor(single_state), train.zero_train_totals(), step_args
     )
 
     members = sweep.Members(
@@ -313,9 +313,7 @@ def run_sweep_benchmark(
         num_anchor_slots=1,
     )
     orders = jnp.stack([order] * num_members)
-    sweep_totals = {
-        name: jnp.zeros((num_members,), jnp.float32) for name in train.TRAIN_METRICS
-    }
+    sweep_totals = train.zero_train_totals((num_members,))
     swept = _Case(
         sweep.store_anchor(sweep_state),
         sweep_totals,

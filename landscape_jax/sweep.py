@@ -685,9 +685,7 @@ def _run_epoch(
     orders = epoch_orders(
         sweep.members.seeds, epoch, train_data.num_examples, sweep.config.batch_size
     )
-    totals = {
-        name: jnp.zeros((num_members,), jnp.float32) for name in train.TRAIN_METRICS
-    }
+    totals = train.zero_train_totals((num_members,))
     step_args = (
         train_data,
         orders,

@@ -719,7 +719,7 @@ def _run_epoch(
             epoch_order(
                 run.config.seed, epoch, train.num_examples, run.config.batch_size
             ),
-            _zero_train_totals(),
+            zero_train_totals(),
         ),
         run.mesh,
     )
@@ -740,8 +740,9 @@ def _run_epoch(
     return state, metrics, eval_probabilities
 
 
-def _zero_train_totals() -> Metrics:
-    return {name: jnp.zeros((), jnp.float32) for name in TRAIN_METRICS}
+def zero_train_totals(shape: tuple[int, ...] = ()) -> Metrics:
+    """Zero sums of `TRAIN_METRICS`, of ``shape`` (a sweep's is ``(M,)``)."""
+    return {name: jnp.zeros(shape, jnp.float32) for name in TRAIN_METRICS}
 
 
 def _evaluate(run: _Run, state: TrainState) -> tuple[dict[str, float], jax.Array]:
