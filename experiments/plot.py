@@ -45,13 +45,13 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from landscape_jax import metric_writers
+from landscape_jax import cli, metric_writers
 
 EXPERIMENT_FILE = 'experiment.json'
 ENSEMBLE_FILE = 'ensemble.json'
@@ -59,8 +59,6 @@ PLOT_KINDS = ('accuracy', 'distance', 'ensemble_accuracy', 'epoch_time', 'agreem
 # The kinds written as Markdown rather than as a PNG.
 TABLE_KINDS = ('agreement',)
 
-# The exit status of the command given bad input, as in `landscape_jax.main`.
-_USAGE_ERROR_EXIT_CODE = 2
 _DPI = 120
 _ANCHOR_COLOR = 'black'
 _SNAPSHOT_COLOR = '0.6'
@@ -610,18 +608,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             for path in render(experiment, args.out):
                 print(f'wrote {path}')
     except ExperimentInputError as err:
-        exit_with_error(str(err))
+        cli.exit_with_error(str(err))
 
 
 def table_row(cells: Iterable[str]) -> str:
     """One row of a Markdown table."""
     return '| ' + ' | '.join(str(cell) for cell in cells) + ' |'
-
-
-def exit_with_error(message: str) -> NoReturn:
-    """Writes ``error: <message>`` to stderr and exits with status 2."""
-    sys.stderr.write(f'error: {message}\n')
-    sys.exit(_USAGE_ERROR_EXIT_CODE)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -61,6 +61,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from landscape_jax import cli
+
 if __package__:
     from experiments import plot
 else:  # Run as a script: this folder, not the repository root, is on sys.path.
@@ -166,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             experiments.sort(key=_study_order)
         page = results_page(experiments, args.figures, args.out, _commands(args))
     except plot.ExperimentInputError as err:
-        plot.exit_with_error(str(err))
+        cli.exit_with_error(str(err))
     if not os.path.isdir(args.figures):
         print(f'warning: --figures={args.figures} is not a directory.', file=sys.stderr)
     folder = os.path.dirname(os.path.abspath(args.out))

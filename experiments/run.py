@@ -51,7 +51,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from landscape_jax import checkpoints, ensemble, sweep, train  # noqa: E402
+from landscape_jax import checkpoints, cli, ensemble, sweep, train  # noqa: E402
 
 STUDY_EPOCHS = 600
 
@@ -457,13 +457,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f'{name:18} {section:17} {experiment.title}')
         return
     if args.experiment is None:
-        _exit_with_error(f'--experiment is required; one of {", ".join(EXPERIMENTS)}.')
+        cli.exit_with_error(
+            f'--experiment is required; one of {", ".join(EXPERIMENTS)}.'
+        )
     if args.root is None:
-        _exit_with_error('--root is required: the folder for the run directories.')
+        cli.exit_with_error('--root is required: the folder for the run directories.')
     if args.seeds < 1:
-        _exit_with_error(f'--seeds must be at least 1, got {args.seeds}.')
+        cli.exit_with_error(f'--seeds must be at least 1, got {args.seeds}.')
     if args.epochs < 1:
-        _exit_with_error(f'--epochs must be at least 1, got {args.epochs}.')
+        cli.exit_with_error(f'--epochs must be at least 1, got {args.epochs}.')
     scale = scale_settings(args)
     names = EXPERIMENTS if args.experiment == 'all' else [args.experiment]
     command = ' '.join(['python', 'experiments/run.py', *(argv or sys.argv[1:])])
@@ -551,11 +553,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument('--list', action='store_true', help='list the experiments')
     return parser
-
-
-def _exit_with_error(message: str) -> None:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -29,7 +29,7 @@ Flags (for the command):
 import functools
 import json
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +40,9 @@ from absl import app, flags, logging
 from etils import epath
 from flax import linen as nn
 
-from landscape_jax import checkpoints, data, models
+from landscape_jax import checkpoints, cli, data, models
 
 PyTree = Any
-
-# The exit status of the command given bad input.
-_USAGE_ERROR_EXIT_CODE = 2
 
 # Label of the final model among the members of a run.
 FINAL = 'final'
@@ -523,15 +520,15 @@ def main(argv: list[str]) -> None:
     try:
         extra = _FLAGS(argv)[1:]
     except flags.Error as err:
-        _exit_with_error(str(err))
+        cli.exit_with_error(str(err))
     if extra:
-        _exit_with_error(f'unexpected arguments: {" ".join(extra)}')
+        cli.exit_with_error(f'unexpected arguments: {" ".join(extra)}')
     try:
         results = evaluate_run(
             _FLAGS.workdir, split=_FLAGS.split, batch_size=_FLAGS.batch_size
         )
     except RunInputError as err:
-        _exit_with_error(str(err))
+        cli.exit_with_error(str(err))
     json.dump(results, sys.stdout)
     sys.stdout.write('\n')
 
@@ -543,6 +540,7 @@ def _figures(probs: jax.Array, labels: jax.Array) -> dict[str, Any]:
         name: None if values[name] is None else np.asarray(values[name]).tolist()
         for name in _FIGURES
     }
+
 
 
 @jax.jit
@@ -622,20 +620,12 @@ def _concrete(array: jax.Array) -> np.ndarray | None:
         return None
 
 
-def _exit_with_error(message: str) -> NoReturn:
-    """Writes each line of message as an ``error:`` line and exits with status 2."""
-    for line in message.splitlines():
-        if line.strip():
-            sys.stderr.write(f'error: {line.strip()}\n')
-    sys.exit(_USAGE_ERROR_EXIT_CODE)
-
-
 def _parse_absl_flags(argv: list[str]) -> list[str]:
     """Parses absl's own flags (logging); leaves this command's to `main`."""
     try:
         return flags.FLAGS(argv, known_only=True)
     except flags.Error as err:
-        _exit_with_error(str(err))
+        cli.exit_with_error(str(err))
 
 
 if __name__ == '__main__':

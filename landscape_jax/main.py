@@ -11,17 +11,11 @@ and one line per problem on stderr, ``error: <field> must be ..., got <value>.``
 any other failure raises with its traceback.
 """
 
-import sys
-from typing import NoReturn
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from landscape_jax import config_validation, parallel, train
-
-# The exit status of a command given bad input, as for other command-line tools.
-USAGE_ERROR_EXIT_CODE = 2
+from landscape_jax import cli, config_validation, parallel, train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -45,7 +39,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(
             f'Unexpected arguments: {" ".join(argv[1:])}',
-            exitcode=USAGE_ERROR_EXIT_CODE,
+            exitcode=cli.USAGE_ERROR_EXIT_CODE,
         )
     # Before any other JAX call: joins the other processes of a multi-host run.
     parallel.initialize_distributed()
@@ -66,7 +60,7 @@ def main(argv: list[str]) -> None:
     except ValueError as error:
         if not config_validation.is_input_error(error, config):
             raise
-        _exit_with_error(str(error))
+        cli.exit_with_error(str(error))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -86,20 +80,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as error:
-        _exit_with_error(str(error))
+        cli.exit_with_error(str(error))
     except AttributeError as error:
         # ml_collections looks each --config.<field> up in the loaded config.
         unknown = [arg for arg in argv if _names_missing_field(arg, str(error))]
         if not unknown:
             raise
-        _exit_with_error(
+        cli.exit_with_error(
             f'{unknown[0].split("=", 1)[0]} is not a field of the configuration '
             '(the fields are those of configs/default.py).'
         )
     except ModuleNotFoundError as error:
         if error.name != 'configs':
             raise
-        _exit_with_error(
+        cli.exit_with_error(
             f'--config could not be loaded: {error}; run the command from the '
             'repository root, where the configs package is.'
         )
@@ -110,7 +104,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except OSError as error:
         reason = str(error).strip().splitlines()[-1].strip()
         filename = config_flags.get_config_filename(flags.FLAGS['config'])
-        _exit_with_error(f'--config={filename} could not be loaded: {reason}')
+        cli.exit_with_error(f'--config={filename} could not be loaded: {reason}')
     return remaining
 
 
@@ -120,14 +114,6 @@ def _names_missing_field(arg: str, missing_key: str) -> bool:
         return False
     path = arg[len('--config.') :].split('=', 1)[0]
     return missing_key.strip('\'"') in path.split('.')
-
-
-def _exit_with_error(message: str) -> NoReturn:
-    """Writes each line of message as an ``error:`` line and exits with status 2."""
-    for line in message.splitlines():
-        if line.strip():
-            sys.stderr.write(f'error: {line.strip()}\n')
-    sys.exit(USAGE_ERROR_EXIT_CODE)
 
 
 if __name__ == '__main__':

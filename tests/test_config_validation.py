@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from configs import quick
-from landscape_jax import checkpoints, config_validation, main, train
+from landscape_jax import checkpoints, cli, config_validation, main, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG_NAMES = sorted(
@@ -288,7 +288,7 @@ def test_flag_errors_exit_2_with_one_line(command_line, capsys, args, expected):
     with pytest.raises(SystemExit) as exit_info:
         command_line('--config=configs/quick.py', '--workdir=unused', *args)
 
-    assert exit_info.value.code == main.USAGE_ERROR_EXIT_CODE
+    assert exit_info.value.code == cli.USAGE_ERROR_EXIT_CODE
     assert capsys.readouterr().err.splitlines() == [expected]
 
 
@@ -310,7 +310,7 @@ def test_input_errors_found_while_loading_exit_2_with_one_line(
     with tfds.testing.mock_data(num_examples=8), pytest.raises(SystemExit) as exit_info:
         main.main(remaining)
 
-    assert exit_info.value.code == main.USAGE_ERROR_EXIT_CODE
+    assert exit_info.value.code == cli.USAGE_ERROR_EXIT_CODE
     err_lines = capsys.readouterr().err.splitlines()
     assert err_lines[-1].startswith(expected)
     assert not any(line.startswith('Traceback') for line in err_lines)
@@ -353,7 +353,7 @@ def test_main_command_exits_2_with_one_line_and_no_traceback(tmp_path):
 
     for arg, process in processes.items():
         _, stderr = process.communicate(timeout=300)
-        assert process.returncode == main.USAGE_ERROR_EXIT_CODE, stderr
+        assert process.returncode == cli.USAGE_ERROR_EXIT_CODE, stderr
         assert stderr.splitlines() == [COMMAND_ERRORS[arg]]
     assert not workdir.exists()
 
