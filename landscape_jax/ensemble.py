@@ -537,10 +537,22 @@ def _figures(probs: jax.Array, labels: jax.Array) -> dict[str, Any]:
     """Every ensemble figure of f32[M, N, C] member probabilities, as Python."""
     values = jax.device_get(_figure_arrays(probs, labels))
     return {
-        name: None if values[name] is None else np.asarray(values[name]).tolist()
+        name: None if values[name] is None else _to_python(values[name])
         for name in _FIGURES
     }
 
+
+def _to_python(value: Any) -> Any:
+    """An array as Python numbers (nested lists); float32 as its shortest decimal.
+
+    A float32 such as 0.502 becomes the float 0.502 rather than the double it
+    converts to exactly (0.5020000338554382), which is what JSON would show.
+    """
+    array = np.asarray(value)
+    if array.dtype != np.float32:
+        return array.tolist()
+    shortest = [float(str(element)) for element in array.flat]
+    return np.array(shortest, dtype=object).reshape(array.shape).tolist()
 
 
 @jax.jit
