@@ -51,7 +51,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -60,7 +59,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape_jax import conv, data, distance, models, optim, schedules, sweep, train
+from landscape_jax import (
+    cli,
+    conv,
+    data,
+    distance,
+    models,
+    optim,
+    schedules,
+    sweep,
+    train,
+)
 
 # Epoch time in seconds of the study (see the module docstring), by anchor count:
 # (low, high) where the text gives a range. MobileNetV2's first anchor uses the
@@ -137,9 +146,6 @@ def run_benchmark(
     anchor_counts = [int(count) for count in anchor_counts]
     _validate(model_name, batch_size, anchor_counts, steps, warmup, repeats, dtype)
     image_shape = (image_size, image_size, channels)
-    device = jax.devices()[0]
-    device_name = getattr(device, 'device_kind', None) or device.platform
-
     conv_impl = conv.resolve(conv_impl)
     model = models.create_model(
         model_name, num_classes, dtype=jnp.dtype(dtype), conv_impl=conv_impl
@@ -189,14 +195,9 @@ def run_benchmark(
             'step_ms_min': round(1e3 * min(times[count]), 3),
             'images_per_s': round(1e3 * batch_size / step_ms, 1),
             'cpu_ms': round(1e3 * statistics.median(cpu_times[count]), 3),
-            'device': device_name,
-            'platform': device.platform,
-            'image_shape': list(image_shape),
-            'dtype': dtype,
-            'conv_impl': conv_impl,
-            'steps': steps,
-            'repeats': repeats,
-            'load_avg_1min': [round(load_before, 2), round(load_after, 2)],
+            **_run_fields(
+                image_shape, dtype, conv_impl, steps, repeats, load_before, load_after
+            ),
         }
         result['penalty_ms'] = round(1e3 * penalty_times[count], 4)
         if count > 0:
@@ -278,7 +279,6 @@ def run_sweep_benchmark(
     if num_members < 2:
         raise ValueError(f'members must be at least 2, got {num_members}.')
     image_shape = (image_size, image_size, channels)
-    device = jax.devices()[0]
     conv_impl = conv.resolve(conv_impl)
     model = models.create_model(
         model_name, num_classes, dtype=jnp.dtype(dtype), conv_impl=conv_impl
@@ -340,14 +340,9 @@ def run_sweep_benchmark(
         'single_step_ms': round(single_ms, 3),
         'sequential_step_ms': round(num_members * single_ms, 3),
         'sweep_speedup': round(num_members * single_ms / sweep_ms, 3),
-        'device': getattr(device, 'device_kind', None) or device.platform,
-        'platform': device.platform,
-        'image_shape': list(image_shape),
-        'dtype': dtype,
-        'conv_impl': conv_impl,
-        'steps': steps,
-        'repeats': repeats,
-        'load_avg_1min': [round(load_before, 2), round(load_after, 2)],
+        **_run_fields(
+            image_shape, dtype, conv_impl, steps, repeats, load_before, load_after
+        ),
     }
 
 
@@ -374,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         anchor_counts = [int(count) for count in args.anchors.split(',') if count]
     except ValueError:
-        _exit_with_error(
+        cli.exit_with_error(
             f'--anchors must be comma-separated integers, got {args.anchors!r}.'
         )
     shape_args = {
@@ -394,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.model, args.batch_size, args.members, **shape_args
             )
         except ValueError as error:
-            _exit_with_error(str(error))
+            cli.exit_with_error(str(error))
         print(json.dumps(result), flush=True)
         return
     try:
@@ -405,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             **shape_args,
         )
     except ValueError as error:
-        _exit_with_error(str(error))
+        cli.exit_with_error(str(error))
     for result in results:
         print(json.dumps(result), flush=True)
     if args.study_ratio:
@@ -503,6 +498,29 @@ def _with_anchors(
     )
 
 
+def _run_fields(
+    image_shape: tuple[int, int, int],
+    dtype: str,
+    conv_impl: str,
+    steps: int,
+    repeats: int,
+    load_before: float,
+    load_after: float,
+) -> dict[str, Any]:
+    """The keys every result line has about the device and how it was timed."""
+    device = jax.devices()[0]
+    return {
+        'device': getattr(device, 'device_kind', None) or device.platform,
+        'platform': device.platform,
+        'image_shape': list(image_shape),
+        'dtype': dtype,
+        'conv_impl': conv_impl,
+        'steps': steps,
+        'repeats': repeats,
+        'load_avg_1min': [round(load_before, 2), round(load_after, 2)],
+    }
+
+
 def _validate(
     model_name: str,
     batch_size: int,
@@ -569,11 +587,6 @@ def _parser() -> argparse.ArgumentParser:
         help="print a last line comparing epoch-time ratios with the study's",
     )
     return parser
-
-
-def _exit_with_error(message: str) -> None:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':
