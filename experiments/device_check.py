@@ -19,7 +19,17 @@ one JSON line per case of ``landscape_jax.bench``:
 Cases are skipped, with a line saying so, once ``--budget_s`` seconds have
 passed. The benchmark reads no data set and writes no summaries; when
 TensorFlow, tensorflow-datasets or TensorBoard are not installed, empty
-stand-ins are imported in their place (the first line says which).
+stand-ins are imported in their place (the first line says which). Besides jax,
+flax, optax and orbax it needs ml_collections, absl-py and tqdm; on a machine
+that has all but ml_collections (a pure-Python wheel) and no network, fetch the
+wheel where pip works and install it beside the others:
+
+    python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
+    # on the GPU machine:
+    python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site python3 experiments/device_check.py
+
+No compilation cache is used: each case compiles once, in the run.
 """
 
 import argparse
@@ -27,7 +37,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Sequence
@@ -60,10 +69,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from landscape_jax import bench
 
-    jax.config.update(
-        'jax_compilation_cache_dir',
-        os.path.join(tempfile.gettempdir(), 'landscape_jax_device_check'),
-    )
     device = jax.devices()[0]
     _print(
         {
