@@ -142,6 +142,82 @@ def test_baseline_experiment_runs_end_to_end(tiny_data_dir, tmp_path):
     assert penalties[0] == 0.0 < penalties[1]
 
 
+def test_vectorized_runs_match_the_same_runs_one_after_another(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    scale = dict(
+        SMALL,
+        num_epochs=2,
+        data='landscape_tiny',
+        data_dir=tiny_data_dir,
+        train_split='train',
+    )
+    swept = []
+    train_sweep = runner.sweep.train_and_evaluate_sweep
+
+    def spy(configs, workdirs):
+        swept.append(workdirs)
+        return train_sweep(configs, workdirs)
+
+    monkeypatch.setattr(runner.sweep, 'train_and_evaluate_sweep', spy)
+
+    manifests = {
+        vectorize: runner.run_experiment(
+            'baseline',
+            str(tmp_path / vectorize),
+            seeds=[0],
+            scale=scale,
+            vectorize=vectorize,
+            agreement=True,
+        )
+        for vectorize in ('always', 'never')
+    }
+
+    # Both runs (no penalty and s = 1) were one vectorized program.
+    assert [len(workdirs) for workdirs in swept] == [2]
+    assert manifests['always']['runs'] == manifests['never']['runs']
+    for entry in manifests['always']['runs']:
+        folders = {
+            vectorize: tmp_path / vectorize / 'baseline' / entry['workdir']
+            for vectorize in manifests
+        }
+        records = {
+            vectorize: [
+                json.loads(line)
+                for line in (folder / 'metrics.jsonl').read_text().splitlines()
+            ]
+            for vectorize, folder in folders.items()
+        }
+        assert [r['epoch'] for r in records['always']] == [1, 2]
+        # A vmapped convolution is a grouped one that sums in another order; the
+        # drift after 32 steps is about 1e-3 of the eval loss.
+        for vectorized, sequential in zip(
+            records['always'], records['never'], strict=True
+        ):
+            for key in ('train_loss', 'eval_loss', 'penalty', 'distance/0'):
+                if key in sequential:
+                    assert vectorized[key] == pytest.approx(
+                        sequential[key], rel=2e-3, abs=1e-6
+                    ), key
+        figures = {
+            vectorize: json.loads((folder / 'ensemble.json').read_text())
+            for vectorize, folder in folders.items()
+        }
+        assert (
+            figures['always']['members']
+            == figures['never']['members']
+            == [
+                1,
+                'final',
+            ]
+        )
+        # One example of the evaluation split may fall the other way.
+        assert figures['always']['ensemble_accuracy'] == pytest.approx(
+            figures['never']['ensemble_accuracy'],
+            abs=1.0 / figures['never']['num_examples'] + 1e-6,
+        )
+
+
 def test_rerunning_a_finished_experiment_trains_nothing(tiny_data_dir, tmp_path):
     scale = dict(SMALL, num_epochs=1, data='landscape_tiny', data_dir=tiny_data_dir)
     runner.run_experiment('epoch_time', str(tmp_path), seeds=[0], scale=scale)
