@@ -154,7 +154,7 @@ def profile_trace(conv_impls: Sequence[str], batch_size: int) -> list[dict[str, 
             train.zero_train_totals(),
             bench._step_args((32, 32, 3), 10, batch_size, seed=0),
         )
-        step_fn = bench.compile_fused_step()
+        step_fn = train.compile_train_step()
         case.run(step_fn, 2)
         hlo_text = (
             step_fn.lower(case.state, case.totals, *case.step_args).compile().as_text()

@@ -10,7 +10,7 @@ For each anchor count K the command builds a training state whose anchor buffer
 holds K slots, all in use (K = 0 is what a run without anchors has: one empty
 slot, masked off, so its distance is still computed and then ignored), puts
 random uint8 images on the device, and times the step the training loop runs
-(`train._compile_train_step`: gather, augment, normalize, `train.train_step` and
+(`train.compile_train_step`: gather, augment, normalize, `train.train_step` and
 the on-device metric sums) over ``--steps`` steps after ``--warmup`` steps. The
 repeats of all anchor counts are interleaved, so that a change in the machine's
 load falls on every count alike; the median repeat is reported.
@@ -156,7 +156,7 @@ def run_benchmark(
     state = train.create_train_state(
         state_rng, model, image_shape, tx, num_anchor_slots=1
     )
-    step_fn = compile_fused_step()
+    step_fn = train.compile_train_step()
     step_args = _step_args(image_shape, num_classes, batch_size, seed)
     cases = {
         count: _Case(
@@ -320,7 +320,7 @@ def run_sweep_benchmark(
         (train_data, orders, mean, std, members.penalty_config()),
     )
 
-    single_fn, sweep_fn = compile_fused_step(), sweep.compile_train_step()
+    single_fn, sweep_fn = train.compile_train_step(), sweep.compile_train_step()
     single.run(single_fn, 1 + warmup)
     swept.run(sweep_fn, 1 + warmup)
     load_before = os.getloadavg()[0]
@@ -344,19 +344,6 @@ def run_sweep_benchmark(
             image_shape, dtype, conv_impl, steps, repeats, load_before, load_after
         ),
     }
-
-
-def compile_fused_step() -> Any:
-    """The training loop's compiled step, as `train` builds it for one device.
-
-    Returns:
-      ``step(state, totals, train_data, order, mean, std, penalty_config) ->
-      (state, totals, step_count)``, donating ``state`` and ``totals``.
-    """
-    if hasattr(train, 'compile_train_step'):
-        return train.compile_train_step()
-    # Before `train` made it public, the step took the number of batch rows.
-    return train._compile_train_step(_BATCHES_ON_DEVICE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
