@@ -21,7 +21,11 @@ member axis M) and `jax.vmap` maps `train.train_step` over that axis:
   step schedules and for cosine with ``end_value=0``.
 
 Each member's step equals its own run's step up to float rounding: vmapped
-convolutions are grouped convolutions, which XLA may sum in another order.
+convolutions are grouped convolutions, which XLA may sum in another order. On a
+multi-core CPU, where `conv.compiler_options` hands plain convolutions to XLA's
+own kernels and grouped ones are lowered another way, the two roundings differ
+more: a few steps of a tiny run then differ by ~1e-4 of the parameters, about
+what the same single run differs by between those two convolution libraries.
 
 `train_and_evaluate_sweep` is the whole sweep: it writes into each member's run
 directory what ``train.train_and_evaluate`` writes there, so that every member can
@@ -61,6 +65,7 @@ from flax import linen as nn
 from landscape_jax import (
     checkpoints,
     config_validation,
+    conv,
     data,
     metric_writers,
     optim,
@@ -343,8 +348,14 @@ def epoch_orders(
     )
 
 
-def compile_train_step() -> Callable[..., Any]:
+def compile_train_step(
+    compiler_options: dict[str, str] | None = None,
+) -> Callable[..., Any]:
     """The training loop's fused step (`train.compile_train_step`) for a sweep.
+
+    Args:
+      compiler_options: XLA options for ``jax.jit``; None for
+        `conv.compiler_options`.
 
     Returns:
       ``step(state, totals, train_data, orders, mean, std, penalty_config) ->
@@ -361,7 +372,11 @@ def compile_train_step() -> Callable[..., Any]:
         totals = jax.tree.map(jnp.add, totals, metrics)
         return state, totals, state.step
 
-    return jax.jit(fused_train_step, donate_argnums=(0, 1))
+    if compiler_options is None:
+        compiler_options = conv.compiler_options()
+    return jax.jit(
+        fused_train_step, donate_argnums=(0, 1), compiler_options=compiler_options
+    )
 
 
 def compile_eval_batch() -> Callable[..., tuple[Metrics, Metrics]]:
@@ -382,7 +397,7 @@ def compile_eval_batch() -> Callable[..., tuple[Metrics, Metrics]]:
         totals = {name: total + results.pop(name) for name, total in totals.items()}
         return totals, results
 
-    return jax.jit(eval_batch)
+    return jax.jit(eval_batch, compiler_options=conv.compiler_options())
 
 
 def train_and_evaluate_sweep(

@@ -487,7 +487,9 @@ def prepare_batch(
     return batch
 
 
-def compile_train_step(mesh: Mesh | None = None) -> Callable[..., Any]:
+def compile_train_step(
+    mesh: Mesh | None = None, compiler_options: dict[str, str] | None = None
+) -> Callable[..., Any]:
     """The training loop's step as one compiled call.
 
     It gathers, augments and normalizes the batch (`prepare_batch`), runs
@@ -497,6 +499,8 @@ def compile_train_step(mesh: Mesh | None = None) -> Callable[..., Any]:
       mesh: a mesh from `parallel.create_mesh`: the batch is split over its
         devices and everything else is replicated (every argument should be
         replicated with `parallel.replicate`). None: one device.
+      compiler_options: XLA options for ``jax.jit``; None for
+        `conv.compiler_options` (XLA's own convolutions on a multi-core CPU).
 
     Returns:
       ``step(state, totals, train_data, order, mean, std, penalty_config) ->
@@ -513,14 +517,21 @@ def compile_train_step(mesh: Mesh | None = None) -> Callable[..., Any]:
         # progress bar without draining the device's queue.
         return state, totals, state.step
 
+    if compiler_options is None:
+        compiler_options = conv.compiler_options()
     if mesh is None:
-        return jax.jit(fused_train_step, donate_argnums=(0, 1))
+        return jax.jit(
+            fused_train_step,
+            donate_argnums=(0, 1),
+            compiler_options=compiler_options,
+        )
     replicated = parallel.replicated_sharding(mesh)
     return jax.jit(
         fused_train_step,
         in_shardings=replicated,
         out_shardings=replicated,
         donate_argnums=(0, 1),
+        compiler_options=compiler_options,
     )
 
 
@@ -545,9 +556,14 @@ def compile_eval_batch(mesh: Mesh | None = None) -> Callable[..., Any]:
         probabilities = metrics.pop('probabilities')
         return jax.tree.map(jnp.add, totals, metrics), probabilities
 
+    options = conv.compiler_options()
     if mesh is None:
-        return jax.jit(eval_batch)
-    return jax.jit(eval_batch, out_shardings=parallel.replicated_sharding(mesh))
+        return jax.jit(eval_batch, compiler_options=options)
+    return jax.jit(
+        eval_batch,
+        out_shardings=parallel.replicated_sharding(mesh),
+        compiler_options=options,
+    )
 
 
 def run_train_steps(

@@ -135,3 +135,34 @@ def test_select():
     assert conv.select('matmul') is conv.conv_general_dilated
     with pytest.raises(ValueError, match="conv_impl must be one of.*'im2col'"):
         conv.select('im2col')
+
+
+def test_compiler_options_are_only_for_multi_core_cpus():
+    assert conv.compiler_options('gpu') == {}
+    assert conv.compiler_options('tpu') == {}
+    assert conv.compiler_options('cpu', ynnpack_convs=True) == {}
+
+
+@pytest.mark.skipif(
+    not conv.compiler_options('cpu'),
+    reason='one core, or a jaxlib without the YNNPACK option',
+)
+def test_compiler_options_keep_convolutions_out_of_ynnpack():
+    inputs = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 32))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 32))
+
+    def apply(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+        )
+
+    chosen = jax.jit(apply, compiler_options=conv.compiler_options('cpu'))
+    default = jax.jit(apply)
+    hlo = chosen.lower(inputs, kernel).compile().as_text()
+
+    # The convolution is XLA's own instruction, not inside a YNNPACK fusion.
+    assert 'convolution(' in hlo
+    assert '__ynn_fusion' not in hlo
+    np.testing.assert_allclose(
+        chosen(inputs, kernel), default(inputs, kernel), rtol=1e-5, atol=1e-4
+    )

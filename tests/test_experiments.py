@@ -6,7 +6,7 @@ import os
 import pytest
 
 from experiments import run as runner
-from landscape_jax import config_validation, schedules
+from landscape_jax import config_validation, conv, schedules
 
 SMALL = {
     'name': 'small',
@@ -152,6 +152,8 @@ def test_vectorized_runs_match_the_same_runs_one_after_another(
         data_dir=tiny_data_dir,
         train_split='train',
     )
+    # One convolution library for sweeps and single runs (see test_sweep.py).
+    monkeypatch.setattr(conv, 'compiler_options', lambda *args, **kwargs: {})
     swept = []
     train_sweep = runner.sweep.train_and_evaluate_sweep
 
