@@ -1,7 +1,8 @@
 """Where a ResNet32 training step spends its time on the CPU, per conv implementation.
 
     python experiments/conv_profile.py [--parts=layers,model,trace] \
-        [--conv_impls=xla,matmul] [--batch_size=128] [--repeats=5]
+        [--conv_impls=xla,matmul] [--batch_size=128] [--repeats=5] \
+        [--ynnpack_convs]
 
 Prints JSON lines of three kinds:
 
@@ -19,7 +20,9 @@ Prints JSON lines of three kinds:
   summed over XLA's threads.
 
 Times are the minimum over ``--repeats`` runs of the wall clock (the least
-disturbed by other work on the machine).
+disturbed by other work on the machine). Everything is compiled with the
+options training uses (`landscape_jax.conv.compiler_options`, printed on the
+first line); ``--ynnpack_convs`` leaves XLA's CPU default instead.
 """
 
 import argparse
@@ -56,7 +59,10 @@ _PAD = ((1, 1), (1, 1))
 
 
 def profile_layers(
-    conv_impls: Sequence[str], batch_size: int, repeats: int
+    conv_impls: Sequence[str],
+    batch_size: int,
+    repeats: int,
+    compiler_options: dict[str, str],
 ) -> list[dict[str, Any]]:
     """Forward, input-gradient and weight-gradient times of each conv shape."""
     results = []
@@ -77,7 +83,12 @@ def profile_layers(
         }
         for conv_impl in conv_impls:
             times = _layer_times(
-                conv.select(conv_impl), inputs, kernel, stride, repeats
+                conv.select(conv_impl),
+                inputs,
+                kernel,
+                stride,
+                repeats,
+                compiler_options,
             )
             result[conv_impl] = times
             totals[conv_impl] = [
@@ -102,7 +113,10 @@ def profile_layers(
 
 
 def profile_model(
-    conv_impls: Sequence[str], batch_size: int, repeats: int
+    conv_impls: Sequence[str],
+    batch_size: int,
+    repeats: int,
+    compiler_options: dict[str, str],
 ) -> list[dict[str, Any]]:
     """Forward-only and forward-plus-backward times of the whole ResNet32."""
     results = []
@@ -123,8 +137,8 @@ def profile_model(
                 logits, labels
             ).mean()
 
-        forward = jax.jit(loss)
-        backward = jax.jit(jax.grad(loss))
+        forward = jax.jit(loss, compiler_options=compiler_options)
+        backward = jax.jit(jax.grad(loss), compiler_options=compiler_options)
         params = variables['params']
         forward_ms = _min_ms(functools.partial(forward, params), repeats)
         backward_ms = _min_ms(functools.partial(backward, params), repeats)
@@ -140,7 +154,9 @@ def profile_model(
     return results
 
 
-def profile_trace(conv_impls: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
+def profile_trace(
+    conv_impls: Sequence[str], batch_size: int, compiler_options: dict[str, str]
+) -> list[dict[str, Any]]:
     """Milliseconds per fused training step by kind of operation."""
     results = []
     for conv_impl in conv_impls:
@@ -154,7 +170,7 @@ def profile_trace(conv_impls: Sequence[str], batch_size: int) -> list[dict[str, 
             train.zero_train_totals(),
             bench._step_args((32, 32, 3), 10, batch_size, seed=0),
         )
-        step_fn = train.compile_train_step()
+        step_fn = train.compile_train_step(compiler_options=compiler_options)
         case.run(step_fn, 2)
         hlo_text = (
             step_fn.lower(case.state, case.totals, *case.step_args).compile().as_text()
@@ -190,22 +206,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument('--conv_impls', default='xla,matmul')
     parser.add_argument('--batch_size', type=int, default=128)
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument(
+        '--ynnpack_convs',
+        action='store_true',
+        help="leave CPU convolutions to YNNPACK (XLA's default)",
+    )
     args = parser.parse_args(argv)
     conv_impls = args.conv_impls.split(',')
+    options = conv.compiler_options(ynnpack_convs=args.ynnpack_convs)
     header = {
         'device': jax.devices()[0].device_kind,
         'load_avg_1min': round(os.getloadavg()[0], 2),
         'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        'compiler_options': options,
         'cpu_affinity': sorted(os.sched_getaffinity(0)),
     }
     print(json.dumps(header), flush=True)
     for part in args.parts.split(','):
         if part == 'layers':
-            results = profile_layers(conv_impls, args.batch_size, args.repeats)
+            results = profile_layers(conv_impls, args.batch_size, args.repeats, options)
         elif part == 'model':
-            results = profile_model(conv_impls, args.batch_size, args.repeats)
+            results = profile_model(conv_impls, args.batch_size, args.repeats, options)
         elif part == 'trace':
-            results = profile_trace(conv_impls, args.batch_size)
+            results = profile_trace(conv_impls, args.batch_size, options)
         else:
             raise SystemExit(f'--parts: unknown part {part!r}.')
         for result in results:
@@ -218,16 +241,24 @@ def _layer_times(
     kernel: jax.Array,
     stride: int,
     repeats: int,
+    compiler_options: dict[str, str],
 ) -> list[float]:
     """[forward, input gradient, weight gradient] milliseconds of one conv."""
 
     def apply(x, w):
         return conv_fn(x, w, (stride, stride), _PAD, dimension_numbers=_NHWC)
 
+    def input_grad(x, w, g):
+        return jax.vjp(lambda x: apply(x, w), x)[1](g)
+
+    def kernel_grad(x, w, g):
+        return jax.vjp(lambda w: apply(x, w), w)[1](g)
+
     output_grad = jnp.cos(apply(inputs, kernel))
-    forward = jax.jit(apply)
-    input_grad = jax.jit(lambda x, w, g: jax.vjp(lambda x: apply(x, w), x)[1](g))
-    kernel_grad = jax.jit(lambda x, w, g: jax.vjp(lambda w: apply(x, w), w)[1](g))
+    forward, input_grad, kernel_grad = (
+        jax.jit(fn, compiler_options=compiler_options)
+        for fn in (apply, input_grad, kernel_grad)
+    )
     return [
         _min_ms(lambda: forward(inputs, kernel), repeats),
         _min_ms(lambda: input_grad(inputs, kernel, output_grad), repeats),

@@ -1,14 +1,16 @@
 """Compares our ResNet32 step with the study's PyTorch step on this CPU.
 
     python experiments/cpu_ratio.py [--batch_size=128 --anchors=0,3 --steps=3 \
-        --repeats=3 --conv_impls=xla,matmul --one_core]
+        --repeats=3 --conv_impls=xla,matmul --ynnpack_convs --one_core]
 
 Runs ``python -m landscape_jax.bench`` once per convolution implementation and
 ``experiments/torch_reference.py`` once, each in its own process (one after the
 other, so that their thread pools do not compete), prints every JSON line they
 print, and then one JSON line per implementation and anchor count with
 ``ratio`` = jax ``step_ms`` / torch ``step_ms`` and ``cpu_ratio``, the same for
-the CPU time per step. Below 1 our step is the faster.
+the CPU time per step. Below 1 our step is the faster. ``--ynnpack_convs`` is
+handed on to the bench (XLA's default CPU convolutions instead of those of
+`landscape_jax.conv.compiler_options`).
 
 With ``--one_core`` every process is pinned to CPU 0 and runs one compute
 thread (XLA's ``intra_op_parallelism_threads=1``, ``torch.set_num_threads(1)``):
@@ -43,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for conv_impl in args.conv_impls.split(','):
         command = [sys.executable, '-m', 'landscape_jax.bench', *common]
         command += [f'--conv_impl={conv_impl}', f'--warmup={args.warmup}']
+        if args.ynnpack_convs:
+            command.append('--ynnpack_convs')
         jax_results[conv_impl] = _run(command, args.one_core)
 
     threads = 1 if args.one_core else os.cpu_count()
@@ -68,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 'batch_size': args.batch_size,
                 'anchors': result['anchors'],
                 'conv_impl': conv_impl,
+                'ynnpack_convs': args.ynnpack_convs,
                 'one_core': args.one_core,
                 'jax_step_ms': result['step_ms'],
                 'torch_step_ms': reference['step_ms'],
@@ -116,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--conv_impls', default='xla,matmul')
+    parser.add_argument(
+        '--ynnpack_convs',
+        action='store_true',
+        help="leave CPU convolutions to YNNPACK (XLA's default) in the bench",
+    )
     parser.add_argument(
         '--one_core',
         action='store_true',

@@ -3,7 +3,7 @@
     python -m landscape_jax.bench --model=resnet32 --batch_size=128 \
         --anchors=0,1,3 --steps=20 [--image_size=32 --channels=3 \
         --num_classes=10 --warmup=3 --repeats=5 --dtype=float32 \
-        --conv_impl=xla --study_ratio]
+        --conv_impl=xla --ynnpack_convs --study_ratio]
     python -m landscape_jax.bench --model=resnet8 --members=3
 
 For each anchor count K the command builds a training state whose anchor buffer
@@ -19,8 +19,10 @@ Each case prints one JSON line with ``model``, ``batch_size``, ``anchors``,
 ``step_ms`` (median over repeats), ``step_ms_min``, ``images_per_s``,
 ``cpu_ms`` (the host CPU time the process used per step, median; on a CPU
 shared with other work it varies less than the wall time), ``penalty_ms`` (the
-penalty and its gradient compiled alone, median), ``device``, the 1-minute load
-average of the host before and after timing, and for K > 0
+penalty and its gradient compiled alone, median), ``device``,
+``compiler_options`` (those of `conv.compiler_options`; ``--ynnpack_convs``
+leaves XLA's CPU default instead), the 1-minute load average of the host
+before and after timing, and for K > 0
 ``overhead_per_anchor_pct`` = ``(step_ms(K) / step_ms(0) − 1) / K · 100`` and
 ``penalty_overhead_per_anchor_pct`` = ``(penalty_ms(K) − penalty_ms(0)) / K /
 step_ms(0) · 100``: the same overhead estimated from the penalty alone, which
@@ -116,6 +118,7 @@ def run_benchmark(
     num_classes: int = 10,
     dtype: str = 'float32',
     conv_impl: str = 'auto',
+    ynnpack_convs: bool = False,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Times the fused training step for each anchor count.
@@ -134,6 +137,9 @@ def run_benchmark(
       dtype: the model's computation dtype, 'float32' or 'bfloat16'.
       conv_impl: one of `conv.CONV_IMPL_CHOICES`: 'xla', 'matmul' (weight
         gradients as matrix products) or 'auto' (see `conv.resolve`).
+      ynnpack_convs: leave convolutions to YNNPACK, as XLA's CPU compiler
+        does by default, instead of `conv.compiler_options` (no effect on
+        accelerators).
       seed: seed of the parameters, anchors and data.
 
     Returns:
@@ -156,7 +162,8 @@ def run_benchmark(
     state = train.create_train_state(
         state_rng, model, image_shape, tx, num_anchor_slots=1
     )
-    step_fn = train.compile_train_step()
+    options = conv.compiler_options(ynnpack_convs=ynnpack_convs)
+    step_fn = train.compile_train_step(compiler_options=options)
     step_args = _step_args(image_shape, num_classes, batch_size, seed)
     cases = {
         count: _Case(
@@ -196,7 +203,14 @@ def run_benchmark(
             'images_per_s': round(1e3 * batch_size / step_ms, 1),
             'cpu_ms': round(1e3 * statistics.median(cpu_times[count]), 3),
             **_run_fields(
-                image_shape, dtype, conv_impl, steps, repeats, load_before, load_after
+                image_shape,
+                dtype,
+                conv_impl,
+                options,
+                steps,
+                repeats,
+                load_before,
+                load_after,
             ),
         }
         result['penalty_ms'] = round(1e3 * penalty_times[count], 4)
@@ -258,6 +272,7 @@ def run_sweep_benchmark(
     num_classes: int = 10,
     dtype: str = 'float32',
     conv_impl: str = 'auto',
+    ynnpack_convs: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Times a vectorized sweep of M members against M single-run steps.
@@ -320,7 +335,9 @@ def run_sweep_benchmark(
         (train_data, orders, mean, std, members.penalty_config()),
     )
 
-    single_fn, sweep_fn = train.compile_train_step(), sweep.compile_train_step()
+    options = conv.compiler_options(ynnpack_convs=ynnpack_convs)
+    single_fn = train.compile_train_step(compiler_options=options)
+    sweep_fn = sweep.compile_train_step(compiler_options=options)
     single.run(single_fn, 1 + warmup)
     swept.run(sweep_fn, 1 + warmup)
     load_before = os.getloadavg()[0]
@@ -341,7 +358,14 @@ def run_sweep_benchmark(
         'sequential_step_ms': round(num_members * single_ms, 3),
         'sweep_speedup': round(num_members * single_ms / sweep_ms, 3),
         **_run_fields(
-            image_shape, dtype, conv_impl, steps, repeats, load_before, load_after
+            image_shape,
+            dtype,
+            conv_impl,
+            options,
+            steps,
+            repeats,
+            load_before,
+            load_after,
         ),
     }
 
@@ -368,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         'num_classes': args.num_classes,
         'dtype': args.dtype,
         'conv_impl': args.conv_impl,
+        'ynnpack_convs': args.ynnpack_convs,
         'seed': args.seed,
     }
     if args.members is not None:
@@ -489,6 +514,7 @@ def _run_fields(
     image_shape: tuple[int, int, int],
     dtype: str,
     conv_impl: str,
+    compiler_options: dict[str, str],
     steps: int,
     repeats: int,
     load_before: float,
@@ -502,6 +528,7 @@ def _run_fields(
         'image_shape': list(image_shape),
         'dtype': dtype,
         'conv_impl': conv_impl,
+        'compiler_options': compiler_options,
         'steps': steps,
         'repeats': repeats,
         'load_avg_1min': [round(load_before, 2), round(load_after, 2)],
@@ -561,6 +588,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--num_classes', type=int, default=10)
     parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
     parser.add_argument('--conv_impl', default='auto', choices=conv.CONV_IMPL_CHOICES)
+    parser.add_argument(
+        '--ynnpack_convs',
+        action='store_true',
+        help="leave CPU convolutions to YNNPACK (XLA's default) to measure it",
+    )
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
         '--members',

@@ -14,6 +14,7 @@ REQUIRED_KEYS = {
     'images_per_s',
     'cpu_ms',
     'device',
+    'compiler_options',
 }
 
 # A tiny case: one compilation serves both counts (each has one anchor slot).
