@@ -17,7 +17,11 @@ Prints JSON lines of three kinds:
   (`landscape_jax.bench`), its operations grouped by kind (convolutions,
   weight-gradient convolutions, matrix products, fusions that transpose a whole
   activation, other fusions) with the milliseconds per step each kind took,
-  summed over XLA's threads.
+  summed over XLA's threads. Only operations that run on the thread that
+  starts them are seen: XLA's own CPU convolutions (those of
+  `landscape_jax.conv.compiler_options`) return at once and run on Eigen's
+  threads, so their time shows under no kind; use ``--ynnpack_convs`` for a
+  trace that accounts for every convolution.
 
 Times are the minimum over ``--repeats`` runs of the wall clock (the least
 disturbed by other work on the machine). Everything is compiled with the

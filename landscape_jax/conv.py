@@ -156,8 +156,8 @@ def select(conv_impl: str) -> Any:
 def resolve(conv_impl: str, backend: str | None = None) -> str:
     """The implementation ``conv_impl`` stands for on ``backend``.
 
-    'auto' is 'matmul' on CPU, where it makes a ResNet32 training step about
-    1.4 times faster (``docs/benchmarks.md``), and 'xla' on accelerators.
+    'auto' is 'matmul' on CPU, where it makes a ResNet32 training step 1.1-1.4
+    times faster (``docs/benchmarks.md``), and 'xla' on accelerators.
 
     Args:
       conv_impl: one of `CONV_IMPL_CHOICES`.
@@ -188,9 +188,10 @@ def compiler_options(
     XLA's CPU compiler (jaxlib 0.10) hands some convolutions, ResNet32's 16x16
     and 8x8 ones among them, to the YNNPACK library, which runs each on one
     thread; XLA's own convolutions use every core. On two cores the 16x16x32→32
-    forward convolution takes 6.6 ms through YNNPACK and 3.3 ms through XLA, and
-    the training step about 10 % less time (``docs/benchmarks.md``). These
-    options leave YNNPACK the matrix products only. The training and
+    forward convolution takes 6.1 ms through YNNPACK and 3.3 ms through XLA, and
+    a ResNet32 training step's time against PyTorch's drops from 2.2 to 1.9
+    times (``docs/benchmarks.md``). These options leave YNNPACK the matrix
+    products only. The training and
     evaluation steps of `landscape_jax.train` and `landscape_jax.sweep` are
     compiled with them.
 
