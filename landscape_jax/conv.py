@@ -191,9 +191,8 @@ def compiler_options(
     forward convolution takes 6.1 ms through YNNPACK and 3.3 ms through XLA, and
     a ResNet32 training step's time against PyTorch's drops from 2.2 to 1.9
     times (``docs/benchmarks.md``). These options leave YNNPACK the matrix
-    products only. The training and
-    evaluation steps of `landscape_jax.train` and `landscape_jax.sweep` are
-    compiled with them.
+    products only. The training and evaluation steps of `landscape_jax.train`
+    and `landscape_jax.sweep` are compiled with them.
 
     Args:
       backend: a JAX platform name such as 'cpu' or 'gpu'; None for

@@ -20,6 +20,17 @@ SMALL = {
 FULL = dict(SMALL, name='full', num_epochs=600, model='resnet32', data='cifar10')
 
 
+def _tiny_scale(data_dir: str, num_epochs: int) -> dict:
+    """The small scale on the tests' tiny data set, trained on all of it."""
+    return dict(
+        SMALL,
+        num_epochs=num_epochs,
+        data='landscape_tiny',
+        data_dir=data_dir,
+        train_split='train',
+    )
+
+
 @pytest.mark.parametrize(
     'epoch, num_epochs, expected',
     [
@@ -99,13 +110,7 @@ def test_labels_make_distinct_folders():
 
 
 def test_baseline_experiment_runs_end_to_end(tiny_data_dir, tmp_path):
-    scale = dict(
-        SMALL,
-        num_epochs=2,
-        data='landscape_tiny',
-        data_dir=tiny_data_dir,
-        train_split='train',
-    )
+    scale = _tiny_scale(tiny_data_dir, num_epochs=2)
 
     manifest = runner.run_experiment(
         'baseline', str(tmp_path), seeds=[0], scale=scale, agreement=True
@@ -145,13 +150,7 @@ def test_baseline_experiment_runs_end_to_end(tiny_data_dir, tmp_path):
 def test_vectorized_runs_match_the_same_runs_one_after_another(
     tiny_data_dir, tmp_path, monkeypatch
 ):
-    scale = dict(
-        SMALL,
-        num_epochs=2,
-        data='landscape_tiny',
-        data_dir=tiny_data_dir,
-        train_split='train',
-    )
+    scale = _tiny_scale(tiny_data_dir, num_epochs=2)
     # One convolution library for sweeps and single runs (see test_sweep.py).
     monkeypatch.setattr(conv, 'compiler_options', lambda *args, **kwargs: {})
     swept = []
